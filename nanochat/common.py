@@ -1,0 +1,118 @@
+"""
+Things every nanochat script needs: where artifacts live, rank-aware printing and logging,
+device autodetection, and distributed (torchrun) setup and teardown.
+
+torch is imported inside the functions that need it, so that data tools such as
+`python -m nanochat.dataset` start instantly.
+"""
+
+import logging
+import os
+import sys
+
+
+def get_base_dir():
+    """Every artifact lives under $NANOCHAT_BASE_DIR (default ~/.cache/nanochat)."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def get_rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs):
+    """print, but only on rank 0, so 8 ranks don't print everything 8 times."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def setup_default_logging(level=logging.INFO):
+    """One log format for every script; lines from ranks other than 0 say which rank they are."""
+    rank = get_rank()
+    prefix = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+logger = logging.getLogger(__name__)
+
+
+def autodetect_device_type():
+    """cuda > mps > cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from the environment torchrun sets."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=None, seed=42):
+    """
+    Set up the device and, under torchrun, the process group (nccl on CUDA, gloo otherwise).
+    Returns (is_ddp, rank, local_rank, world_size, device).
+    """
+    import torch
+    import torch.distributed as dist
+
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device_type=cuda but no CUDA device is available; use --device_type=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device_type=mps but MPS is not available; use --device_type=cpu")
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise SystemExit(f"error: unknown --device_type={device_type!r}; expected cuda, mps or cpu")
+
+    # Same seed on every rank: identical initial weights; the data differs per rank.
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    is_ddp, rank, local_rank, world_size = get_dist_info()
+    if is_ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+    elif is_ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+    else:
+        device = torch.device(device_type)
+    if is_ddp:
+        dist.barrier()
+    logger.info("device %s, world size %d", device, world_size)
+    return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    """Tear down the process group if compute_init made one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off (`--run=dummy`): every call does nothing."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
