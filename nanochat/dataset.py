@@ -75,7 +75,7 @@ def parquets_iter_batched(split, start=0, step=1):
 def download_shards(indices, workers=4, progress=True):
     """Fetch the given shards in parallel. Returns (fetched, skipped, failed) lists of (index, info)."""
     fetched, skipped, failed = [], [], []
-    bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc="shards", disable=not progress)
+    bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc="downloading", disable=not progress)
 
     def fetch(i):
         path = os.path.join(data_dir(), shard_name(i))
@@ -84,6 +84,7 @@ def download_shards(indices, workers=4, progress=True):
             (fetched if got else skipped).append((i, os.path.getsize(path)))
         except DownloadError as e:
             failed.append((i, str(e)))
+        bar.set_postfix_str(f"{len(fetched) + len(skipped) + len(failed)}/{len(indices)} shards")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(fetch, indices))
@@ -159,7 +160,7 @@ def _sample_main(k, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download and inspect the FineWeb-Edu pretraining shards.")
+    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description="Download and inspect the FineWeb-Edu pretraining shards.")
     parser.add_argument("-n", "--num_files", type=int, default=-1, help=f"shards to download, -1 = all {NUM_SHARDS}")
     parser.add_argument("-w", "--num_workers", type=int, default=4, help="parallel downloads (default 4)")
     parser.add_argument("--info", action="store_true", help="describe the dataset and the local shards")

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 MIRROR_ENV = "NANOCHAT_MIRROR"
 MIRROR_HINT = f"check your network, or set {MIRROR_ENV} to a local mirror directory or http(s) base URL"
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 16  # also the most a dropped connection can cost us
 
 
 class DownloadError(RuntimeError):
@@ -63,13 +63,14 @@ def resolve_url(url):
 
 
 def is_valid_parquet(path):
-    """A parquet file is whole if it ends with the magic bytes and its footer metadata parses."""
+    """A parquet file is whole if it starts and ends with the magic bytes and its footer parses."""
     import pyarrow.parquet as pq
 
     try:
         with open(path, "rb") as f:
+            head = f.read(4)
             f.seek(-4, os.SEEK_END)
-            if f.read(4) != b"PAR1":
+            if head != b"PAR1" or f.read(4) != b"PAR1":
                 return False
         pq.ParquetFile(path).metadata
         return True
@@ -157,7 +158,7 @@ def _copy_local(url, source, partial, validate):
 
 
 def _fetch_http(url, partial, validate, retries, backoff, max_backoff, timeout, progress):
-    """Try until the file is whole; each attempt that makes no progress counts against `retries`."""
+    """Try until the file is whole; give up after `retries` attempts in a row that made no progress."""
     failures = 0
     with requests.Session() as session:
         while True:
@@ -171,11 +172,11 @@ def _fetch_http(url, partial, validate, retries, backoff, max_backoff, timeout, 
             except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
                 error, wait = e, getattr(e, "wait", None)
             after = os.path.getsize(partial) if os.path.exists(partial) else 0
-            failures = 1 if after > before else failures + 1
+            failures = 0 if after > before else failures + 1  # progress earns a fresh set of retries
             if failures > retries:
                 raise DownloadError(f"giving up on {url} after {retries} retries: {error}; {MIRROR_HINT}")
             if wait is None:
-                wait = min(max_backoff, backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.5)
+                wait = min(max_backoff, backoff * 2 ** max(failures - 1, 0)) * random.uniform(0.5, 1.5)
             logger.warning("%s: %s; retrying in %.1fs (%d/%d)", url, error, wait, failures, retries)
             time.sleep(wait)
 
@@ -188,6 +189,9 @@ def _fetch_once(session, url, partial, timeout, progress):
     if have:
         headers["Range"] = f"bytes={have}-"
     with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416:  # our partial file does not fit the remote one (it changed?)
+            _remove(partial)
+            raise _Retry("server refused to resume (416); starting over", wait=0)
         _raise_for_status(url, r)
         if r.status_code == 206:
             start, total = _parse_content_range(r.headers.get("Content-Range", ""))
@@ -216,8 +220,6 @@ def _fetch_once(session, url, partial, timeout, progress):
 
 def _raise_for_status(url, r):
     code = r.status_code
-    if code == 416:  # our partial file does not fit the remote one (it changed?): start over
-        raise _Retry("server refused to resume (416); starting over", wait=0)
     if code in (408, 429) or code >= 500:
         raise _Retry(f"HTTP {code}", wait=_retry_after_seconds(r.headers.get("Retry-After")))
     if code >= 400:
@@ -261,4 +263,4 @@ def _progress_bar(progress, url, initial, total):
     if progress is True:
         name = url.rsplit("/", 1)[-1]
         return tqdm(total=total, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
-    return progress or _NoBar()
+    return _NoBar() if progress is False or progress is None else progress

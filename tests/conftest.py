@@ -1,0 +1,48 @@
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def base_dir(tmp_path, monkeypatch):
+    """Every test gets its own NANOCHAT_BASE_DIR and starts with no mirror set."""
+    base = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.delenv("NANOCHAT_MIRROR", raising=False)
+    return base
+
+
+@pytest.fixture(scope="session")
+def shared_mirror():
+    """The shared sample mirror: $NANOCHAT_MIRROR as CI exports it, else ../shared/mirror."""
+    candidates = [os.environ.get("NANOCHAT_MIRROR"), os.path.join(REPO, "..", "shared", "mirror")]
+    for path in candidates:
+        if path and os.path.isdir(path):
+            return os.path.abspath(path)
+    pytest.fail("no data mirror: set NANOCHAT_MIRROR or place the shared mirror at ../shared/mirror")
+
+
+def make_parquet(num_docs=300, seed=0, row_group_size=64):
+    """Bytes of a small shard in the real layout: a `text` column of random documents."""
+    rng = np.random.default_rng(seed)
+    words = ["data", "model", "token", "grüße", "日本語", "🙂", "loss", "x = 1\n", "  "]
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(20, 400)))) for _ in range(num_docs)]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": docs}), buf, row_group_size=row_group_size, compression="zstd")
+    return buf.getvalue()
+
+
+def run_module(module, *args, env=None, **kwargs):
+    """Run `python -m module args` with the test's environment; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True, text=True, **kwargs
+    )
