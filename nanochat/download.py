@@ -21,6 +21,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager
+from urllib.parse import urlparse
 
 import requests
 from tqdm import tqdm
@@ -169,8 +170,12 @@ def _fetch_http(url, partial, validate, retries, backoff, max_backoff, timeout, 
                     _remove(partial)
                     raise _Retry("downloaded file failed validation")
                 return
-            except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                error, wait = e, getattr(e, "wait", None)
+            except _Retry as e:
+                error, wait = str(e), e.wait
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                error, wait = _describe(e, url), None
+                if error.startswith("cannot resolve host"):  # no network: retrying will not help
+                    raise DownloadError(f"{url}: {error}; {MIRROR_HINT}") from None
             after = os.path.getsize(partial) if os.path.exists(partial) else 0
             failures = 0 if after > before else failures + 1  # progress earns a fresh set of retries
             if failures > retries:
@@ -216,6 +221,17 @@ def _fetch_once(session, url, partial, timeout, progress):
         if size > total:
             _remove(partial)
         raise _Retry(f"body ended at byte {size} of {total}")
+
+
+def _describe(error, url):
+    """A short reason for a requests exception (urllib3's own messages run to many lines)."""
+    if isinstance(error, requests.exceptions.ChunkedEncodingError):
+        return "connection broken mid-body"
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    if any(s in repr(error) for s in ("NameResolutionError", "Name or service not known", "nodename nor servname")):
+        return f"cannot resolve host {urlparse(url).hostname}"
+    return "connection failed" + (" (refused)" if "refused" in repr(error) else "")
 
 
 def _raise_for_status(url, r):

@@ -98,6 +98,24 @@ def test_404_fails_at_once_with_a_clear_message(tmp_path):
     assert_only(tmp_path, [])
 
 
+def test_no_network_fails_fast_with_one_line(tmp_path):
+    with pytest.raises(DownloadError) as e:
+        download("https://no-such-host.invalid/file.bin", str(tmp_path / "f"), **FAST)
+    assert str(e.value) == (
+        "https://no-such-host.invalid/file.bin: cannot resolve host no-such-host.invalid; check your network, "
+        "or set NANOCHAT_MIRROR to a local mirror directory or http(s) base URL"
+    )
+    assert_only(tmp_path, [])
+
+
+def test_connection_refused_is_retried_then_reported(tmp_path):
+    with FaultServer({}) as srv:
+        url = srv.url  # the port is free once the server is gone
+    with pytest.raises(DownloadError, match=r"after 2 retries: connection failed \(refused\)"):
+        download(url + "/f", str(tmp_path / "f"), retries=2, **FAST)
+    assert_only(tmp_path, [])
+
+
 def test_gives_up_after_retries_and_leaves_nothing(tmp_path):
     dest = tmp_path / "shard.parquet"
     with FaultServer({PATH: SHARD}) as srv:
