@@ -5,6 +5,7 @@ Train the tokenizer on the pretraining shards.
 """
 
 import argparse
+import itertools
 import os
 import time
 
@@ -21,10 +22,10 @@ parser.add_argument("--doc_cap", type=int, default=10_000, help="use at most thi
 parser.add_argument("--vocab_size", type=int, default=65536, help="vocabulary size, special tokens included")
 
 
-def text_iterator(max_chars, doc_cap, bar):
+def text_iterator(batches, max_chars, doc_cap, bar):
     """Documents of the train split, each cut to doc_cap characters, until max_chars in total."""
     total = 0
-    for batch in parquets_iter_batched(split="train"):
+    for batch in batches:
         for doc in batch:
             doc = doc[:doc_cap]
             total += len(doc)
@@ -40,9 +41,11 @@ def main():
         parser.error("--max_chars and --doc_cap must be positive")
     print(f"config: {vars(args)}")
     try:
+        batches = parquets_iter_batched(split="train")
+        batches = itertools.chain([next(batches)], batches)  # no shards: fail here, before any work
         bar = tqdm(total=args.max_chars, unit="char", unit_scale=True, desc="training text")
         t0 = time.time()
-        tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap, bar), args.vocab_size)
+        tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(batches, args.max_chars, args.doc_cap, bar), args.vocab_size)
         train_time = time.time() - t0
         bar.close()
     except (FileNotFoundError, ValueError) as e:
