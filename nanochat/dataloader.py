@@ -1,0 +1,139 @@
+"""
+The pretraining data loader: parquet row groups -> tokenized documents -> packed (B, T) batches.
+
+Each rank reads its own row groups (strided by rank and world size), tokenizes them in threads
+with tiktoken, prepends BOS to every document, and packs documents into rows of T + 1 tokens:
+
+- "bestfit" (default): every row starts at a document start. Documents wait in a buffer sorted by
+  length; each row takes the longest document that still fits, again and again, and when none
+  fits it fills the rest with the start of the shortest one (the remainder is cropped: dropped).
+- "concat": documents back to back, split wherever a row ends (nothing is dropped).
+
+Every batch comes with a `state`: where reading continues and which documents sit in the buffer.
+A loader started with that state yields exactly the batches the old one would have yielded next.
+"""
+
+import bisect
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.dataset import list_parquet_files
+
+logger = logging.getLogger(__name__)
+
+
+def _split_paths(split):
+    paths = list_parquet_files()
+    if len(paths) < 2:
+        raise FileNotFoundError(f"found {len(paths)} pretraining shard(s), need at least 2; run `python -m nanochat.dataset -n 8`")
+    return paths[:-1] if split == "train" else paths[-1:]
+
+
+def _row_groups(paths, rank, world_size, start):
+    """Yield (position, following, texts) for this rank's row groups, epoch after epoch, forever.
+    position = [epoch, shard, row group] read; following = where to start to continue after it."""
+    epoch, shard, rg = start or (0, 0, rank)
+    while True:
+        for s in range(shard, len(paths)):
+            pf = pq.ParquetFile(paths[s])
+            n = pf.num_row_groups
+            for g in range(rg if s == shard else rank, n, world_size):
+                if g + world_size < n:
+                    following = [epoch, s, g + world_size]
+                else:
+                    following = [epoch, s + 1, rank] if s + 1 < len(paths) else [epoch + 1, 0, rank]
+                yield [epoch, s, g], following, pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
+        epoch, shard, rg = epoch + 1, 0, rank
+        logger.info("data loader: starting epoch %d of %d shard(s)", epoch, len(paths))
+
+
+def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", resume_state=None, packing="bestfit",
+                                       buffer_docs=1000, tokenizer_threads=4, tokenizer_batch=512, rank=None, world_size=None):
+    """Yield (inputs, targets, state) forever: (B, T) int64 tensors on `device`, targets = inputs
+    shifted by one, and the state to resume from after this batch."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if packing not in ("bestfit", "concat"):
+        raise ValueError(f"packing must be 'bestfit' or 'concat', not {packing!r}")
+    if rank is None or world_size is None:
+        from nanochat.common import get_dist_info
+
+        _, rank, _, world_size = get_dist_info()
+    state = resume_state or {}
+    paths = _split_paths(split)
+    bos = tokenizer.get_bos_token_id()
+
+    def tokenize(texts):
+        return [np.array(ids, dtype=np.int32) for ids in tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)]
+
+    # The buffer holds (tokens left, source, tokens, offset); source = [epoch, shard, row group, doc].
+    # For best-fit it is kept sorted by tokens left. On resume it is rebuilt from the sources.
+    buffer, cache = [], {}
+    for (epoch, shard, rg, doc), off in zip(state.get("buffer", []), state.get("offsets", [])):
+        if (shard, rg) not in cache:
+            cache[(shard, rg)] = tokenize(pq.ParquetFile(paths[shard]).read_row_group(rg, columns=["text"]).column("text").to_pylist())
+        tokens = cache[(shard, rg)][doc]
+        buffer.append((len(tokens) - off, [epoch, shard, rg, doc], tokens, off))
+    del cache
+    stream = _row_groups(paths, rank, world_size, state.get("next_position"))
+    next_position = state.get("next_position")
+    stats = dict(state.get("stats", {"used": 0, "cropped": 0}))
+    use_cuda = torch.device(device).type == "cuda"
+    row_len = T + 1
+
+    def refill():
+        nonlocal next_position
+        while len(buffer) < buffer_docs:
+            sources, texts = [], []
+            while len(texts) < tokenizer_batch:  # tokenize many documents per call: threads need work
+                position, next_position, row_group = next(stream)
+                sources += [[*position, doc] for doc in range(len(row_group))]
+                texts += row_group
+            for src, tokens in zip(sources, tokenize(texts)):
+                item = (len(tokens), src, tokens, 0)
+                if packing == "bestfit":
+                    bisect.insort(buffer, item, key=lambda x: x[0])
+                else:
+                    buffer.append(item)
+
+    while True:
+        batch = np.empty((B, row_len), dtype=np.int64)
+        for b in range(B):
+            filled = 0
+            while filled < row_len:
+                refill()
+                room = row_len - filled
+                if packing == "bestfit":
+                    i = bisect.bisect_right(buffer, room, key=lambda x: x[0]) - 1
+                    length, src, tokens, off = buffer.pop(max(i, 0))  # none fits: the shortest, cropped
+                else:
+                    length, src, tokens, off = buffer.pop(0)
+                take = min(length, room)
+                batch[b, filled : filled + take] = tokens[off : off + take]
+                filled += take
+                if take < length and packing == "concat":
+                    buffer.insert(0, (length - take, src, tokens, off + take))  # continues in the next row
+                elif take < length:
+                    stats["cropped"] += length - take
+                stats["used"] += take
+        state = {
+            "next_position": next_position,
+            "buffer": [src for _, src, _, _ in buffer],
+            "offsets": [off for _, _, _, off in buffer],
+            "stats": dict(stats),
+        }
+        tensor = torch.from_numpy(batch)
+        if use_cuda:
+            tensor = tensor.pin_memory().to(device, non_blocking=True)
+        else:
+            tensor = tensor.to(device)
+        yield tensor[:, :-1], tensor[:, 1:], state
+
+
+def cropped_fraction(state):
+    """Fraction of the tokens read so far that best-fit packing dropped."""
+    s = state["stats"]
+    return s["cropped"] / max(1, s["cropped"] + s["used"])

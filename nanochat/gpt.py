@@ -1,0 +1,192 @@
+"""
+The GPT. Compared with GPT-2: rotary position embeddings instead of learned ones, QK-norm,
+parameter-free RMSNorm, ReLU² MLP, no biases, untied embedding and unembedding, grouped-query
+attention (n_kv_head <= n_head), logits soft-capped with tanh, output projections initialised
+to zero so every block starts as the identity.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 10
+    n_kv_head: int = 10
+    n_embd: int = 1280
+
+
+def config_for_depth(depth, vocab_size, sequence_len):
+    """The one dial: width = 64 * depth, attention heads of (about) 128 dims."""
+    n_embd = 64 * depth
+    n_head = max(1, math.ceil(n_embd / 128))
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by position-dependent angles."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far
+        Tq, Tk = q.size(2), k.size(2)
+        if Tq == Tk:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # new queries see every cached position and, causally, each other
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15): bounded, smooth
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # Pad the vocab to a multiple of 64 for efficient matmuls; the extra logits are cropped.
+        self.padded_vocab = -(-config.vocab_size // 64) * 64
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(self.padded_vocab, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
+        # Rotary tables for 10x the training length, so generation can run past it.
+        self.rotary_len = config.sequence_len * 10
+        cos, sin = self._rotary_tables(self.rotary_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, length, base=10000, device=None):
+        head_dim = self.config.n_embd // self.config.n_head
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, head_dim/2)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Fill every parameter (the model may have been built on the meta device)."""
+        nn.init.normal_(self.transformer.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                bound = math.sqrt(3.0 / linear.in_features)  # uniform with variance 1/fan_in
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.cos, self.sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """FLOPs per token of a training step: 6 per matmul weight (forward + backward) plus the
+        attention score and value matmuls; the embedding lookup costs nothing."""
+        c = self.config
+        head_dim = c.n_embd // c.n_head
+        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * head_dim * c.sequence_len
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+        """AdamW for the embedding and unembedding (learning rates scaled by 1/sqrt(width/768)),
+        Muon for every matrix in the blocks. Both shard their work when torch.distributed is up."""
+        from nanochat.optim import AdamW, Muon
+
+        scale = (self.config.n_embd / 768) ** -0.5
+        adamw = AdamW([
+            {"params": [self.lm_head.weight], "lr": unembedding_lr * scale},
+            {"params": [self.transformer.wte.weight], "lr": embedding_lr * scale},
+        ], betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95)
+        for opt in (adamw, muon):
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return [adamw, muon]
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        T = idx.size(1)
+        pos = kv_cache.get_pos() if kv_cache is not None else 0
+        if pos + T > self.rotary_len:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than the rotary tables ({self.rotary_len})")
+        cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        logits = self.lm_head(norm(x))[..., : self.config.vocab_size].float()
+        logits = self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive sampling without a KV cache (the reference the inference engine must match):
+        yields one token id at a time. temperature 0 is greedy."""
+        device = self.lm_head.weight.device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
