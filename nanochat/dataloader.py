@@ -32,7 +32,7 @@ def _split_paths(split):
     return paths[:-1] if split == "train" else paths[-1:]
 
 
-def _row_groups(paths, rank, world_size, start):
+def _row_groups(paths, rank, world_size, start, log_level=logging.INFO):
     """Yield (position, following, texts) for this rank's row groups, epoch after epoch, forever.
     position = [epoch, shard, row group] read; following = where to start to continue after it."""
     epoch, shard, rg = start or (0, 0, rank)
@@ -47,7 +47,7 @@ def _row_groups(paths, rank, world_size, start):
                     following = [epoch, s + 1, rank] if s + 1 < len(paths) else [epoch + 1, 0, rank]
                 yield [epoch, s, g], following, pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
         epoch, shard, rg = epoch + 1, 0, rank
-        logger.info("data loader: starting epoch %d of %d shard(s)", epoch, len(paths))
+        logger.log(log_level, "data loader: starting epoch %d of %d shard(s)", epoch, len(paths))
 
 
 def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", resume_state=None, packing="bestfit",
@@ -78,7 +78,8 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
         tokens = cache[(shard, rg)][doc]
         buffer.append((len(tokens) - off, [epoch, shard, rg, doc], tokens, off))
     del cache
-    stream = _row_groups(paths, rank, world_size, state.get("next_position"))
+    # the small val split wraps around often during evaluation: not news
+    stream = _row_groups(paths, rank, world_size, state.get("next_position"), logging.INFO if split == "train" else logging.DEBUG)
     next_position = state.get("next_position")
     stats = dict(state.get("stats", {"used": 0, "cropped": 0}))
     use_cuda = torch.device(device).type == "cuda"
