@@ -1,0 +1,106 @@
+"""The GPT against closed forms, a second code path (KV cache) and a tiny overfitting run."""
+
+import math
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.optim import step_optimizers
+
+
+def make(depth, vocab=1000, seq=64, seed=0):
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config_for_depth(depth, vocab, seq))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 6])
+def test_parameter_count_and_flops_closed_form(depth):
+    vocab, seq = 1000, 64
+    model = make(depth, vocab, seq)
+    C, padded = 64 * depth, 1024  # 1000 padded up to a multiple of 64
+    assert model.num_params() == 12 * depth * C * C + 2 * padded * C
+    assert model.estimate_flops() == 6 * (12 * depth * C * C + padded * C) + 12 * depth * C * seq
+    head_dim = C // model.config.n_head
+    assert head_dim == min(C, 128)
+
+
+def test_depth_20_is_the_speedrun_model():
+    with torch.device("meta"):
+        model = GPT(config_for_depth(20, 65536, 2048))
+    assert model.config.n_embd == 1280 and model.config.n_head == 10
+    assert round(model.num_params() / 1e6) == 561
+
+
+def test_loss_at_init_is_log_vocab():
+    model = make(2, vocab=1000)
+    x = torch.randint(0, 1000, (4, 64))
+    assert abs(model(x, x).item() - math.log(1000)) < 0.05
+
+
+def test_logits_are_cropped_and_ignored_targets_do_not_count():
+    model = make(2, vocab=1000)
+    x = torch.randint(0, 1000, (2, 16))
+    logits = model(x)
+    assert logits.shape == (2, 16, 1000)
+    y = x.clone()
+    y[:, ::2] = -1
+    per_token = model(x, y, loss_reduction="none").view(2, 16)
+    assert torch.all(per_token[:, ::2] == 0)
+    assert torch.allclose(model(x, y), per_token[:, 1::2].mean())
+
+
+class TinyKVCache:
+    """The KV-cache protocol the model expects: insert_kv(layer, k, v) -> all k, v; get_pos()."""
+
+    def __init__(self, n_layer):
+        self.k, self.v, self.pos, self.n_layer = [None] * n_layer, [None] * n_layer, 0, n_layer
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer, k, v):
+        self.k[layer] = k if self.k[layer] is None else torch.cat([self.k[layer], k], dim=2)
+        self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], dim=2)
+        if layer == self.n_layer - 1:
+            self.pos += k.size(2)
+        return self.k[layer], self.v[layer]
+
+
+def test_kv_cache_matches_full_forward():
+    model = make(2).eval()
+    x = torch.randint(0, 1000, (1, 20))
+    full = model(x)
+    cache = TinyKVCache(2)
+    pieces = [model(x[:, :12], kv_cache=cache)]  # prefill, then a chunk, then one token at a time
+    pieces.append(model(x[:, 12:15], kv_cache=cache))
+    pieces += [model(x[:, t : t + 1], kv_cache=cache) for t in range(15, 20)]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_greedy_generate_is_argmax_of_forward():
+    model = make(2).eval()
+    prompt = [5, 17, 42]
+    out = list(model.generate(prompt, 6, temperature=0))
+    ids = list(prompt)
+    for _ in range(6):
+        ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+    assert out == ids[3:]
+    sampled = [list(model.generate(prompt, 6, temperature=1.0, top_k=50, seed=s)) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_one_batch_overfits():
+    model = make(2, vocab=256, seq=32)
+    optimizers = model.setup_optimizers()
+    x = torch.randint(0, 256, (4, 33))
+    for _ in range(150):
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        step_optimizers(optimizers, grad_clip=1.0)
+        model.zero_grad(set_to_none=True)
+    assert loss.item() < 0.1

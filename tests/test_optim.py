@@ -1,0 +1,134 @@
+"""Optimizers against hand-written references, and 2 ranks (torchrun, gloo) against 1 process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+from conftest import REPO
+from nanochat.optim import AdamW, Muon, orthogonalize, step_optimizers
+
+
+def test_adamw_matches_torch():
+    torch.manual_seed(0)
+    a = torch.randn(8, 5, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    ours = AdamW([a], lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(8, 5)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        step_optimizers([ours])
+        ref.step()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def newton_schulz_reference(G, steps=5):
+    """The quintic Newton–Schulz iteration in float64 numpy, written out plainly."""
+    X = G.astype(np.float64)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    X = X / (np.linalg.norm(X) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = 3.4445 * X - 4.7750 * A @ X + 2.0315 * A @ A @ X
+    return X.T if tall else X
+
+
+def test_muon_matches_reference_step():
+    torch.manual_seed(0)
+    w = torch.randn(6, 10, requires_grad=True)
+    w0 = w.detach().numpy().copy()
+    opt = Muon([w], lr=0.1, momentum=0.9, nesterov=True)
+    buf = np.zeros_like(w0)
+    expected = w0.copy()
+    for _ in range(3):
+        grad = torch.randn(6, 10)
+        w.grad = grad.clone()
+        step_optimizers([opt])
+        g = grad.numpy().astype(np.float64)
+        buf = 0.9 * buf + 0.1 * g
+        update = 0.1 * g + 0.9 * buf  # Nesterov: the gradient pulled towards the momentum
+        expected = expected - 0.1 * max(1, 6 / 10) ** 0.5 * newton_schulz_reference(update)
+    assert np.allclose(w.detach().numpy(), expected, atol=1e-4)
+
+
+def test_orthogonalized_update_has_singular_values_near_one():
+    # Gradients with singular values spread over a decade: 5 iterations bring all near 1
+    # (a quintic cannot lift values that are ~0 to begin with, nor does it need to).
+    torch.manual_seed(0)
+    for rows, cols in [(64, 64), (128, 32), (32, 256)]:
+        k = min(rows, cols)
+        U, _ = torch.linalg.qr(torch.randn(rows, k))
+        V, _ = torch.linalg.qr(torch.randn(cols, k))
+        G = U @ torch.diag(torch.logspace(-1, 0, k)) @ V.T * 37.0
+        s = torch.linalg.svdvals(orthogonalize(G))
+        assert s.min() > 0.6 and s.max() < 1.3, (rows, cols, s.min(), s.max())
+
+
+def test_step_optimizers_reports_global_norm():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 4, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    a.grad, b.grad = torch.randn(4, 4), torch.randn(3, 5)
+    expected = torch.cat([a.grad.flatten(), b.grad.flatten()]).norm().item()
+    assert abs(step_optimizers([AdamW([a]), Muon([b])], grad_clip=0.5) - expected) < 1e-5
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from nanochat.common import compute_init, compute_cleanup
+    from nanochat.gpt import GPT, config_for_depth
+    from nanochat.optim import step_optimizers
+
+    def train(rows, steps=4):
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = GPT(config_for_depth(2, 256, 32))
+        model.to_empty(device="cpu")
+        model.init_weights()
+        optimizers = model.setup_optimizers()
+        batch = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))[rows]
+        losses = []
+        for _ in range(steps):  # the same global batch every step: the loss must fall
+            loss = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            step_optimizers(optimizers, grad_clip=0.5)
+            model.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return model, losses
+
+    if sys.argv[1] == "ddp":
+        _, rank, _, world, _ = compute_init("cpu")
+        model, losses = train(slice(2 * rank, 2 * rank + 2))
+        torch.save({"state": model.state_dict(), "losses": losses}, f"{sys.argv[2]}.rank{rank}")
+        compute_cleanup()
+    else:
+        model, losses = train(slice(0, 4))
+        torch.save({"state": model.state_dict(), "losses": losses}, sys.argv[2])
+""")
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(script), "single", str(tmp_path / "single.pt")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "ddp", str(tmp_path / "ddp.pt")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr
+    single = torch.load(tmp_path / "single.pt")
+    ranks = [torch.load(tmp_path / f"ddp.pt.rank{r}") for r in (0, 1)]
+    for name, value in single["state"].items():
+        for r in ranks:  # every rank ends with the single process's weights
+            assert torch.allclose(value, r["state"][name], atol=2e-5, rtol=1e-4), name
+    full = np.array(single["losses"])
+    halves = (np.array(ranks[0]["losses"]) + np.array(ranks[1]["losses"])) / 2
+    assert np.allclose(full, halves, atol=1e-5)  # each step's full-batch loss is the mean of the halves
+    assert full[-1] < full[0]  # and training moved the weights
