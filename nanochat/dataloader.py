@@ -51,7 +51,7 @@ def _row_groups(paths, rank, world_size, start, log_level=logging.INFO):
 
 
 def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", resume_state=None, packing="bestfit",
-                                       buffer_docs=1000, tokenizer_threads=4, tokenizer_batch=512, rank=None, world_size=None):
+                                       buffer_docs=1000, tokenizer_threads=4, tokenizer_batch=128, rank=None, world_size=None):
     """Yield (inputs, targets, state) forever: (B, T) int64 tensors on `device`, targets = inputs
     shifted by one, and the state to resume from after this batch."""
     if split not in ("train", "val"):
@@ -87,7 +87,7 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
 
     def refill():
         nonlocal next_position
-        while len(buffer) < buffer_docs:
+        if len(buffer) < buffer_docs:  # top up one tokenizer batch at a time: a quick start
             sources, texts = [], []
             while len(texts) < tokenizer_batch:  # tokenize many documents per call: threads need work
                 position, next_position, row_group = next(stream)
@@ -126,12 +126,11 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
             "offsets": [off for _, _, _, off in buffer],
             "stats": dict(stats),
         }
-        tensor = torch.from_numpy(batch)
+        # Two separate tensors: a caller that masks targets must not change the inputs.
+        inputs, targets = (torch.from_numpy(np.ascontiguousarray(a)) for a in (batch[:, :-1], batch[:, 1:]))
         if use_cuda:
-            tensor = tensor.pin_memory().to(device, non_blocking=True)
-        else:
-            tensor = tensor.to(device)
-        yield tensor[:, :-1], tensor[:, 1:], state
+            inputs, targets = (t.pin_memory().to(device, non_blocking=True) for t in (inputs, targets))
+        yield inputs, targets, state
 
 
 def cropped_fraction(state):

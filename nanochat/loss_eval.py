@@ -1,5 +1,8 @@
 """Bits per byte: the model's loss in a tokenizer-independent unit."""
 
+# Evaluation reads few batches: a small packing buffer starts fast (and the val shard is small).
+EVAL_LOADER_KWARGS = dict(buffer_docs=128, tokenizer_batch=128)
+
 import math
 
 import torch

@@ -13,7 +13,7 @@ import torch
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import EVAL_LOADER_KWARGS, evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import parse_args
@@ -42,7 +42,7 @@ def main():
     steps = max(1, args.split_tokens // (B * T * world_size))
     results = {}
     for split in ("train", "val"):
-        loader = tokenizing_distributed_data_loader(tokenizer, B, T, split, device)
+        loader = tokenizing_distributed_data_loader(tokenizer, B, T, split, device, **EVAL_LOADER_KWARGS)
         with autocast:
             results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {results[split + '_bpb']:.6f}")

@@ -18,7 +18,7 @@ from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint, save_ch
 from nanochat.common import DummyWandb, compute_cleanup, compute_init, print0, setup_default_logging
 from nanochat.dataloader import cropped_fraction, tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_for_depth
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import EVAL_LOADER_KWARGS, evaluate_bpb
 from nanochat.optim import step_optimizers
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -162,7 +162,7 @@ def main():
         last_step = step == num_iterations
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
-            val_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "val", device)
+            val_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "val", device, **EVAL_LOADER_KWARGS)
             with autocast:
                 bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // (B * T * world_size)), token_bytes)
             model.train()

@@ -46,3 +46,27 @@ def run_module(module, *args, env=None, **kwargs):
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True, text=True, **kwargs
     )
+
+
+@pytest.fixture(scope="session")
+def pretrain_dir(tmp_path_factory, shared_mirror):
+    """A base dir with 4 real shards from the mirror and a small tokenizer (vocab 512) trained on them."""
+    import shutil
+
+    from nanochat.dataset import BASE_URL, shard_name
+    from nanochat.tokenizer import RustBPETokenizer
+
+    base = tmp_path_factory.mktemp("pretrain")
+    remote = os.path.join(shared_mirror, *BASE_URL.split("://")[1].split("/"))
+    (base / "base_data").mkdir()
+    for i in range(4):
+        shutil.copy(os.path.join(remote, shard_name(i)), base / "base_data" / shard_name(i))
+    texts = pq.read_table(base / "base_data" / shard_name(0)).column("text").to_pylist()
+    RustBPETokenizer.train_from_iterator(iter(texts), 512).save(str(base / "tokenizer"))
+    return base
+
+
+@pytest.fixture
+def pretrain_env(pretrain_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(pretrain_dir))
+    return pretrain_dir

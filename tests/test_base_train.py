@@ -1,0 +1,140 @@
+"""scripts.base_train and scripts.base_loss end to end, as subprocesses on real shards."""
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_module
+from nanochat.checkpoint_manager import checkpoint_dir, load_model, saved_steps
+from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes
+
+TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
+        "--eval_tokens=256", "--sample_every=0"]
+
+
+def losses(stdout):
+    """step -> logged (smoothed) loss, and the final val bpb."""
+    steps = {int(m[1]): m[2] for m in re.finditer(r"^step (\d+)/\d+ .*?\| loss: ([\d.]+)", stdout, re.M)}
+    bpbs = re.findall(r"val bpb: ([\d.]+)", stdout)
+    return steps, bpbs
+
+
+def test_train_kill_and_resume_is_bit_identical(pretrain_env):
+    flags = TINY + ["--num_iterations=20", "--eval_every=10", "--save_every=10"]
+    straight = run_module("scripts.base_train", *flags, "--model_tag=straight")
+    assert straight.returncode == 0, straight.stderr
+    steps, bpbs = losses(straight.stdout)
+    assert sorted(steps) == list(range(1, 21))
+    assert float(steps[20]) < float(steps[1])  # it learns
+    assert saved_steps(checkpoint_dir("base", "straight")) == [10, 20]
+    assert "final_val_bpb" in (pretrain_env / "report" / "base-model-training.md").read_text()
+
+    p = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *flags, "--model_tag=killed"],
+                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = checkpoint_dir("base", "killed")
+    deadline = time.time() + 120
+    while 10 not in saved_steps(folder) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert saved_steps(folder) == [10], "the run should have been killed between its checkpoints"
+    resumed = run_module("scripts.base_train", *flags, "--model_tag=killed", "--resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    rsteps, rbpbs = losses(resumed.stdout)
+    assert sorted(rsteps) == list(range(11, 21))
+    assert all(rsteps[s] == steps[s] for s in rsteps)  # same digits: bit-identical training
+    assert rbpbs[-1] == bpbs[-1]
+
+
+def test_sigterm_finishes_the_step_and_saves(pretrain_env):
+    p = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *TINY, "--num_iterations=100000", "--eval_every=0",
+                          "--model_tag=sigterm"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = ""
+    while "step 00003/" not in out:
+        line = p.stdout.readline()
+        assert line, "training ended early"
+        out += line
+    p.send_signal(signal.SIGTERM)
+    out += p.communicate(timeout=120)[0]
+    assert p.returncode == 0
+    stopped = int(re.search(r"stopped at step (\d+); continue with the same command plus --resume=auto", out)[1])
+    assert saved_steps(checkpoint_dir("base", "sigterm")) == [stopped]
+
+
+def test_bad_batch_sizes_are_a_clear_error(pretrain_env):
+    r = run_module("scripts.base_train", *TINY, "--total_batch_size=100")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --total_batch_size=100 is not a multiple of")
+
+
+def test_base_loss_and_bpb_consistency(pretrain_env):
+    assert run_module("scripts.base_train", *TINY, "--num_iterations=5", "--eval_every=0", "--model_tag=forloss").returncode == 0
+    r = run_module("scripts.base_loss", "--model_tag=forloss", "--split_tokens=512", "--device_batch_size=2")
+    assert r.returncode == 0, r.stderr
+    train_bpb, val_bpb = (float(re.search(rf"{s} bpb: ([\d.]+)", r.stdout)[1]) for s in ("train", "val"))
+    assert 0 < train_bpb < 20 and 0 < val_bpb < 20
+
+    # bpb = (mean loss per counted token) / ln 2 / (mean bytes per counted token), by hand
+    model, tok, meta = load_model("base", "cpu", model_tag="forloss")
+    assert meta["step"] == 5
+    token_bytes = get_token_bytes()
+    x, y, _ = next(tokenizing_distributed_data_loader(tok, 4, 64, "val", rank=0, world_size=1))
+    y[:, :5] = -1  # ignored targets count for nothing
+    with torch.no_grad():
+        nats = model(x, y, loss_reduction="none").view(-1)
+    flat = y.view(-1)
+    counted = (flat >= 0) & (token_bytes[flat.clamp(min=0)] > 0)
+    by_hand = nats[counted].mean().item() / math.log(2) / token_bytes[flat[counted]].float().mean().item()
+    assert abs(evaluate_bpb(model, iter([(x, y)]), 1, token_bytes) - by_hand) < 1e-5
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(pretrain_env):
+    with pytest.raises(FileNotFoundError, match="no base checkpoints|no checkpoints"):
+        load_model("base", "cpu", model_tag="nonexistent")
+    assert run_module("scripts.base_train", *TINY, "--num_iterations=1", "--eval_every=0", "--model_tag=corrupt").returncode == 0
+    folder = checkpoint_dir("base", "corrupt")
+    with open(os.path.join(folder, "model_000001.pt"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_model("base", "cpu", model_tag="corrupt")
+    r = run_module("scripts.base_loss", "--model_tag=corrupt")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint step 1")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_together(pretrain_env):
+    """Two torchrun "nodes" on 127.0.0.1 with one process each, launched with the file path form."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1",
+                          "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test",
+                          "scripts/base_train.py", *TINY, "--total_batch_size=256", "--num_iterations=2", "--eval_every=0",
+                          "--model_tag=twonodes"],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    log = outs[0][0] + outs[1][0]
+    assert "world size 2" in outs[0][1] + outs[1][1]
+    assert "step 00002/00002" in log
+    meta = json.load(open(os.path.join(checkpoint_dir("base", "twonodes"), "meta_000002.json")))
+    assert meta["world_size"] == 2 and len(meta["loader_state"]) == 2

@@ -1,0 +1,91 @@
+"""The tokenizing loader on real shards: disjoint ranks, BOS-aligned rows, exact resume."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat.dataloader import _row_groups, _split_paths, cropped_fraction, tokenizing_distributed_data_loader
+from nanochat.dataset import list_parquet_files
+from nanochat.tokenizer import get_tokenizer
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_ranks_read_disjoint_row_groups_that_cover_the_split(pretrain_env):
+    paths = _split_paths("train")
+    per_rank = []
+    total = sum(pq.ParquetFile(p).num_row_groups for p in paths)
+    for rank in range(3):
+        stream = _row_groups(paths, rank, 3, None)
+        positions = []
+        while len(positions) < 1000:
+            position, _, _ = next(stream)
+            if position[0] > 0:  # one epoch
+                break
+            positions.append(tuple(position[1:]))
+        per_rank.append(set(positions))
+    assert not (per_rank[0] & per_rank[1]) and not (per_rank[1] & per_rank[2]) and not (per_rank[0] & per_rank[2])
+    assert len(per_rank[0] | per_rank[1] | per_rank[2]) == total
+
+
+def test_loader_ranks_buffer_only_their_documents(pretrain_env):
+    tok = get_tokenizer()
+    for rank in (0, 1):
+        _, _, state = next(tokenizing_distributed_data_loader(tok, 2, 64, "train", rank=rank, world_size=2, buffer_docs=100))
+        assert state["buffer"] and all(rg % 2 == rank for _, _, rg, _ in state["buffer"])
+
+
+def documents(tok):
+    texts = [t for p in list_parquet_files()[:-1] for t in pq.read_table(p).column("text").to_pylist()]
+    return tok.encode(texts, prepend=tok.get_bos_token_id())
+
+
+def test_bestfit_rows_are_whole_documents_and_one_cropped_tail(pretrain_env):
+    tok = get_tokenizer()
+    bos = tok.get_bos_token_id()
+    docs = documents(tok)
+    by_prefix = {}
+    for d in docs:
+        by_prefix.setdefault(tuple(d[:8]), []).append(d)
+    loader = tokenizing_distributed_data_loader(tok, 4, 256, "train", rank=0, world_size=1, buffer_docs=200)
+    for x, y, state in take(loader, 5):
+        assert x.shape == y.shape == (4, 256)
+        assert (x[:, 1:] == y[:, :-1]).all()  # targets are the inputs shifted by one
+        assert (x[:, 0] == bos).all()
+        for row in np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1):
+            starts = list(np.flatnonzero(row == bos)) + [len(row)]
+            pieces = [row[a:b].tolist() for a, b in zip(starts, starts[1:])]
+            for i, piece in enumerate(pieces):
+                candidates = by_prefix.get(tuple(piece[:8])) if len(piece) >= 8 else docs
+                if i < len(pieces) - 1:
+                    assert piece in candidates  # every document but the last is whole
+                else:
+                    assert any(piece == d[: len(piece)] for d in candidates)  # the last may be cropped
+    assert 0 < cropped_fraction(state) < 1
+
+
+@pytest.mark.parametrize("packing", ["bestfit", "concat"])
+def test_resume_state_reproduces_the_next_batches(pretrain_env, packing):
+    tok = get_tokenizer()
+    kwargs = dict(rank=1, world_size=2, packing=packing, buffer_docs=50, tokenizer_batch=64)
+    straight = take(tokenizing_distributed_data_loader(tok, 3, 128, "train", **kwargs), 12)
+    resumed = take(tokenizing_distributed_data_loader(tok, 3, 128, "train", resume_state=straight[6][2], **kwargs), 5)
+    for (x1, y1, s1), (x2, y2, s2) in zip(straight[7:], resumed):
+        assert (x1 == x2).all() and (y1 == y2).all() and s1 == s2
+
+
+def test_concat_packing_drops_nothing(pretrain_env):
+    tok = get_tokenizer()
+    x, y, state = next(tokenizing_distributed_data_loader(tok, 2, 128, "train", rank=0, world_size=1, packing="concat"))
+    rows = np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1)  # rows of T + 1 tokens
+    row = rows.reshape(-1)  # back to back: the stream of documents
+    first_doc = documents(tok)[0]
+    assert row[: len(first_doc)].tolist() == first_doc[: len(row)]
+    assert cropped_fraction(state) == 0
+
+
+def test_no_shards_is_a_clear_error(base_dir):
+    with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset"):
+        next(tokenizing_distributed_data_loader(object(), 2, 16, "train", rank=0, world_size=1))
