@@ -52,8 +52,9 @@ def _row_groups(paths, rank, world_size, start, log_level=logging.INFO):
 
 def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", resume_state=None, packing="bestfit",
                                        buffer_docs=1000, tokenizer_threads=4, tokenizer_batch=128, rank=None, world_size=None):
-    """Yield (inputs, targets, state) forever: (B, T) int64 tensors on `device`, targets = inputs
-    shifted by one, and the state to resume from after this batch."""
+    """An iterator of (inputs, targets, state), forever: (B, T) int64 tensors on `device`, targets =
+    inputs shifted by one, and the state to resume from after this batch. Missing data is an
+    error here, at creation, not at the first batch."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if packing not in ("bestfit", "concat"):
@@ -62,11 +63,26 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
         from nanochat.common import get_dist_info
 
         _, rank, _, world_size = get_dist_info()
-    state = resume_state or {}
     paths = _split_paths(split)
+    counts = [pq.ParquetFile(p).metadata.num_row_groups for p in paths]
+    if all(n <= rank for n in counts):  # this rank's stride would find nothing, forever
+        raise ValueError(f"rank {rank} has no {split} data: its shard(s) hold at most {max(counts)} row group(s) each, "
+                         f"fewer than the {world_size} ranks; download more shards with `python -m nanochat.dataset`")
+    return _batches(tokenizer, B, T, split, paths, device, resume_state or {}, packing, buffer_docs,
+                    tokenizer_threads, tokenizer_batch, rank, world_size)
+
+
+def _batches(tokenizer, B, T, split, paths, device, state, packing, buffer_docs, tokenizer_threads, tokenizer_batch, rank, world_size):
     bos = tokenizer.get_bos_token_id()
 
+    # Best-fit never uses more than the first T + 1 tokens of a document (a longer one only ever
+    # fills the rest of one row), so texts are cut before tokenizing, far past where those tokens
+    # end (4-5 characters per token is typical; 8 leaves a wide margin), so little work is spent
+    # on what would be cropped anyway.
+    max_chars = 8 * (T + 1) if packing == "bestfit" else None
+
     def tokenize(texts):
+        texts = [t[:max_chars] for t in texts]
         return [np.array(ids, dtype=np.int32) for ids in tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)]
 
     # The buffer holds (tokens left, source, tokens, offset); source = [epoch, shard, row group, doc].

@@ -35,10 +35,11 @@ def norm(x):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by position-dependent angles."""
+    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by position-dependent angles:
+    (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin). The tables hold cos twice and (sin, -sin),
+    so this is two multiplies and an add over the swapped halves."""
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return x * cos + torch.cat([x[..., d:], x[..., :d]], dim=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,7 +116,8 @@ class GPT(nn.Module):
         head_dim = self.config.n_embd // self.config.n_head
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, head_dim/2)
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([sin, -sin], -1)[None, :, None, :]  # (1, T, 1, head_dim)
 
     @torch.no_grad()
     def init_weights(self):
@@ -167,7 +169,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         logits = self.lm_head(norm(x))[..., : self.config.vocab_size].float()
-        logits = self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+        logits = torch.tanh(logits * (1 / self.SOFTCAP)) * self.SOFTCAP
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)

@@ -42,7 +42,10 @@ def main():
     steps = max(1, args.split_tokens // (B * T * world_size))
     results = {}
     for split in ("train", "val"):
-        loader = tokenizing_distributed_data_loader(tokenizer, B, T, split, device, **EVAL_LOADER_KWARGS)
+        try:
+            loader = tokenizing_distributed_data_loader(tokenizer, B, T, split, device, **EVAL_LOADER_KWARGS)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
         with autocast:
             results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {results[split + '_bpb']:.6f}")

@@ -153,7 +153,11 @@ def main():
         print0(f"resumed from {folder} at step {step}")
 
     B, T = args.device_batch_size, args.max_seq_len
-    train_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device, resume_state=loader_state)
+    try:
+        train_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device, resume_state=loader_state)
+        tokenizing_distributed_data_loader(tokenizer, B, T, "val", device)  # fail now, not at the first eval
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     stop = StopRequest()
     peak = peak_flops(device)

@@ -88,4 +88,18 @@ def test_concat_packing_drops_nothing(pretrain_env):
 
 def test_no_shards_is_a_clear_error(base_dir):
     with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset"):
-        next(tokenizing_distributed_data_loader(object(), 2, 16, "train", rank=0, world_size=1))
+        tokenizing_distributed_data_loader(object(), 2, 16, "train", rank=0, world_size=1)
+
+
+def test_a_rank_without_data_is_a_clear_error(pretrain_env, tmp_path, monkeypatch):
+    import shutil
+
+    base = tmp_path / "small"
+    (base / "base_data").mkdir(parents=True)
+    shutil.copytree(pretrain_env / "tokenizer", base / "tokenizer")
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):  # a val shard of one row group
+        table = pq.read_table(pretrain_env / "base_data" / name).slice(0, 50)
+        pq.write_table(table, base / "base_data" / name, row_group_size=64)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    with pytest.raises(ValueError, match="rank 1 has no val data"):
+        tokenizing_distributed_data_loader(get_tokenizer(), 2, 16, "val", rank=1, world_size=2)
