@@ -21,7 +21,7 @@ from nanochat.training import parse_args
 parser = argparse.ArgumentParser(description="Evaluate a base model's bits per byte.")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
 parser.add_argument("--device_batch_size", type=int, default=32)
-parser.add_argument("--split_tokens", type=int, default=20 * 524288, help="tokens to evaluate per split")
+parser.add_argument("--split_tokens", type=int, default=-1, help="tokens per split (-1: the --eval_tokens training used)")
 parser.add_argument("--model_tag", default=None, help="default: the newest base model")
 parser.add_argument("--step", type=int, default=None, help="default: the last saved step")
 
@@ -39,7 +39,9 @@ def main():
         raise SystemExit(f"error: {e}")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     B, T = args.device_batch_size, model.config.sequence_len
-    steps = max(1, args.split_tokens // (B * T * world_size))
+    trained = meta["user_config"]
+    split_tokens = args.split_tokens if args.split_tokens > 0 else trained["eval_tokens"] if trained["eval_tokens"] > 0 else 20 * trained["total_batch_size"]
+    steps = max(1, split_tokens // (B * T * world_size))
     results = {}
     for split in ("train", "val"):
         try:
@@ -56,7 +58,7 @@ def main():
                 ids = tokenizer.encode(prompt, prepend="<|bos|>")
                 samples.append(prompt + tokenizer.decode(list(model.generate(ids, 16, temperature=0))))
                 print0("sample: " + samples[-1])
-    get_report().log(section="Base model loss", data=[{"step": meta["step"], **results, "split_tokens": args.split_tokens}, *samples])
+    get_report().log(section="Base model loss", data=[{"step": meta["step"], **results, "split_tokens": split_tokens}, *samples])
     compute_cleanup()
 
 

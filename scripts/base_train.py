@@ -50,7 +50,7 @@ parser.add_argument("--warmdown_ratio", type=float, default=0.2)
 parser.add_argument("--final_lr_frac", type=float, default=0.0)
 # evaluation, sampling, checkpoints
 parser.add_argument("--eval_every", type=int, default=250, help="val bits/byte every N steps (0 = only at the end)")
-parser.add_argument("--eval_tokens", type=int, default=20 * 524288)
+parser.add_argument("--eval_tokens", type=int, default=-1, help="val tokens per evaluation (-1: 20 x total_batch_size)")
 parser.add_argument("--core_metric_every", type=int, default=2000, help="CORE every N steps (needs the evaluation stage)")
 parser.add_argument("--sample_every", type=int, default=2000, help="greedy samples every N steps (0 = only at the end)")
 parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
@@ -153,6 +153,7 @@ def main():
         print0(f"resumed from {folder} at step {step}")
 
     B, T = args.device_batch_size, args.max_seq_len
+    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * args.total_batch_size
     try:
         train_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device, resume_state=loader_state)
         tokenizing_distributed_data_loader(tokenizer, B, T, "val", device)  # fail now, not at the first eval
@@ -168,7 +169,7 @@ def main():
             model.eval()
             val_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "val", device, **EVAL_LOADER_KWARGS)
             with autocast:
-                bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // (B * T * world_size)), token_bytes)
+                bpb = evaluate_bpb(model, val_loader, max(1, eval_tokens // (B * T * world_size)), token_bytes)
             model.train()
             loop["val_bpb"] = bpb
             loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
