@@ -7,6 +7,7 @@ with tiktoken, prepends BOS to every document, and packs documents into rows of 
 - "bestfit" (default): every row starts at a document start. Documents wait in a buffer sorted by
   length; each row takes the longest document that still fits, again and again, and when none
   fits it fills the rest with the start of the shortest one (the remainder is cropped: dropped).
+  A document longer than a whole row starts a row of its own, where cropping it wastes least.
 - "concat": documents back to back, split wherever a row ends (nothing is dropped).
 
 Every batch comes with a `state`: where reading continues and which documents sit in the buffer.
@@ -124,8 +125,11 @@ def _batches(tokenizer, B, T, split, paths, device, state, packing, buffer_docs,
                 refill()
                 room = row_len - filled
                 if packing == "bestfit":
-                    i = bisect.bisect_right(buffer, room, key=lambda x: x[0]) - 1
-                    length, src, tokens, off = buffer.pop(max(i, 0))  # none fits: the shortest, cropped
+                    if room == row_len and buffer[-1][0] > row_len:
+                        i = len(buffer) - 1  # too long for any row: cropped least when it fills a whole one
+                    else:
+                        i = max(bisect.bisect_right(buffer, room, key=lambda x: x[0]) - 1, 0)  # none fits: the shortest, cropped
+                    length, src, tokens, off = buffer.pop(i)
                 else:
                     length, src, tokens, off = buffer.pop(0)
                 take = min(length, room)
