@@ -9,6 +9,7 @@ Config (the reference recipe): vocab 8192, --max_seq_len=512 --device_batch_size
 machines (bf16 Newton–Schulz and embeddings on a CPU that runs bf16 ~150x slower than fp32).
 
     python dev/bench/train.py [--depths 4 8] [--compile] [--steps 5]   # needs a trained tokenizer for the loader
+    python dev/bench/train.py --depths 20 --compile --vocab 65536 --seq_len 2048 --batch 32   # one GPU
 """
 
 import argparse
@@ -98,6 +99,9 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to start on CPU)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device_type", default=None)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (d20 on a GPU: --vocab 65536 --seq_len 2048 --batch 32)")
     args = parser.parse_args()
     device = torch.device(args.device_type or autodetect_device_type())
     peak = peak_flops(device)
@@ -108,9 +112,10 @@ def main():
     print("|---|---|---|---|---|---|")
     for depth in args.depths:
         for compiled in ([False, True] if args.compile else [False]):
-            tps, flops_per_token = train_throughput(depth, device, compiled, args.steps)
+            tps, flops_per_token = train_throughput(depth, device, compiled, args.steps, args.vocab, args.seq_len, args.batch)
             achieved = tps * flops_per_token
-            ref = REFERENCE_TOKENS_PER_SEC.get(depth) if device.type == "cpu" else None
+            reference_config = (args.vocab, args.seq_len, args.batch) == (8192, 512, 8)
+            ref = REFERENCE_TOKENS_PER_SEC.get(depth) if device.type == "cpu" and reference_config else None
             print(f"| {depth} | {'compiled' if compiled else 'eager'} | {tps:,.0f} | {achieved / 1e9:.1f} | "
                   f"{100 * achieved / (peak or measured):.1f}% | {f'{tps / ref:.2f}x' if ref else '-'} |")
     print("\n| data loader (1 rank, B=8, steady state) | tokens/s out | cropped (of tokens tokenized) |")
