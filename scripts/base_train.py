@@ -152,6 +152,7 @@ def main():
         restore_rng(meta["rng"][rank], device)
         print0(f"resumed from {folder} at step {step}")
 
+    start_step = step  # a resumed run does not save again the step it started from
     B, T = args.device_batch_size, args.max_seq_len
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * args.total_batch_size
     try:
@@ -183,7 +184,7 @@ def main():
                     print0("sample: " + prompt + tokenizer.decode(list(model.generate(ids, 16, temperature=0))))
             model.train()
         stopping = stop.check(device)
-        if last_step or stopping or (args.save_every > 0 and step % args.save_every == 0 and step != (meta["step"] if args.resume else 0)):
+        if last_step or stopping or (args.save_every > 0 and step % args.save_every == 0 and step != start_step):
             import torch.distributed as dist
 
             loader_states, rngs = [loader_state], [rng_states(device)]
