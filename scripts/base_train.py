@@ -7,8 +7,6 @@ Pretrain the GPT on FineWeb-Edu.
 
 import argparse
 import base64
-import math
-import os
 import time
 from contextlib import nullcontext
 

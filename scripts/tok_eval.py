@@ -67,7 +67,7 @@ def main():
             cells += [f"{len(ids)}", f"{nbytes / len(ids):.2f}"]
         rows.append("| " + " | ".join(cells) + " |")
     table = "\n".join(rows)
-    print(f"Bytes per token (higher = better compression); vocab sizes: "
+    print("Bytes per token (higher = better compression); vocab sizes: "
           + ", ".join(f"{n} {t.get_vocab_size():,}" for n, t in tokenizers.items()))
     print(table)
     get_report().log(section="Tokenizer evaluation", data=[table])

@@ -1,6 +1,5 @@
 """nanochat/tokenizer.py and the tok_train / tok_eval scripts."""
 
-import json
 import os
 import re
 

@@ -127,8 +127,8 @@ def main():
         results = {name: run(name, args, vocab) for name in ("ours", "rustbpe", "hf")}
         ours = results["ours"]
         print(f"\nvocab {vocab}")
-        print(f"| tokenizer | train s | peak MB | encode MB/s | ours faster at training |")
-        print(f"|---|---|---|---|---|")
+        print("| tokenizer | train s | peak MB | encode MB/s | ours faster at training |")
+        print("|---|---|---|---|---|")
         for name, r in results.items():
             if r["train_s"] is None:
                 print(f"| {name} | not installed (see this file's docstring) | | | |")
