@@ -26,6 +26,10 @@ from nanochat.dataset import list_parquet_files
 logger = logging.getLogger(__name__)
 
 
+def _read_texts(path, row_group):
+    return pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+
+
 def _split_paths(split):
     paths = list_parquet_files()
     if len(paths) < 2:
@@ -39,14 +43,13 @@ def _row_groups(paths, rank, world_size, start, log_level=logging.INFO):
     epoch, shard, rg = start or (0, 0, rank)
     while True:
         for s in range(shard, len(paths)):
-            pf = pq.ParquetFile(paths[s])
-            n = pf.num_row_groups
+            n = pq.ParquetFile(paths[s]).metadata.num_row_groups
             for g in range(rg if s == shard else rank, n, world_size):
                 if g + world_size < n:
                     following = [epoch, s, g + world_size]
                 else:
                     following = [epoch, s + 1, rank] if s + 1 < len(paths) else [epoch + 1, 0, rank]
-                yield [epoch, s, g], following, pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
+                yield [epoch, s, g], following, _read_texts(paths[s], g)
         epoch, shard, rg = epoch + 1, 0, rank
         logger.log(log_level, "data loader: starting epoch %d of %d shard(s)", epoch, len(paths))
 
@@ -91,7 +94,7 @@ def _batches(tokenizer, B, T, split, paths, device, state, packing, buffer_docs,
     buffer, cache = [], {}
     for (epoch, shard, rg, doc), off in zip(state.get("buffer", []), state.get("offsets", [])):
         if (shard, rg) not in cache:
-            cache[(shard, rg)] = tokenize(pq.ParquetFile(paths[shard]).read_row_group(rg, columns=["text"]).column("text").to_pylist())
+            cache[(shard, rg)] = tokenize(_read_texts(paths[shard], rg))
         tokens = cache[(shard, rg)][doc]
         buffer.append((len(tokens) - off, [epoch, shard, rg, doc], tokens, off))
     del cache

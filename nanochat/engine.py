@@ -15,6 +15,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
+from nanochat.gpt import sample
+
 
 class KVCache:
     """Keys and values of every layer for a batch of rows, preallocated and grown on demand.
@@ -126,16 +128,6 @@ class _Row:
         self.forced = deque()
         self.python = None  # tokens since <|python_start|>, while inside a call
         self.done = False
-
-
-def sample(logits, rng, temperature, top_k):
-    """One token per row: argmax at temperature 0, else softmax sampling (optionally top-k)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng).squeeze(-1)
 
 
 class Engine:

@@ -230,13 +230,17 @@ class GPT(nn.Module):
         rng = torch.Generator(device=device).manual_seed(seed)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self.forward(ids)[:, -1, :]
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            ids = torch.cat([ids, next_id], dim=1)
+            next_id = sample(self.forward(ids)[:, -1, :], rng, temperature, top_k)
+            ids = torch.cat([ids, next_id[:, None]], dim=1)
             yield next_id.item()
+
+
+def sample(logits, rng, temperature, top_k=None):
+    """One token per row of (rows, vocab) logits: argmax at temperature 0, else softmax sampling
+    (optionally among the top k)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng).squeeze(-1)

@@ -11,6 +11,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint, save_checkpoint, saved_steps
 from nanochat.common import DummyWandb, compute_cleanup, compute_init, print0, setup_default_logging
@@ -183,8 +184,6 @@ def main():
             model.train()
         stopping = stop.check(device)
         if last_step or stopping or (args.save_every > 0 and step % args.save_every == 0 and step != start_step):
-            import torch.distributed as dist
-
             loader_states, rngs = [loader_state], [rng_states(device)]
             if is_ddp:
                 loader_states, rngs = [None] * world_size, [None] * world_size
