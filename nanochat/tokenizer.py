@@ -182,6 +182,10 @@ class RustBPETokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
+    def decode_bytes(self, ids):
+        """The raw bytes of ids: a token may end inside a UTF-8 character."""
+        return self.enc.decode_bytes(ids)
+
     # ---- chat ----
 
     def render_conversation(self, conversation, max_tokens=2048):

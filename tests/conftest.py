@@ -2,6 +2,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -70,3 +71,79 @@ def pretrain_dir(tmp_path_factory, shared_mirror):
 def pretrain_env(pretrain_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(pretrain_dir))
     return pretrain_dir
+
+
+@pytest.fixture(scope="session")
+def chat_dir(pretrain_dir, tmp_path_factory):
+    """A base dir holding the small tokenizer and one randomly initialised depth-2 model saved as
+    both a base and an SFT checkpoint (serving does not care what the weights learned); nonzero
+    output projections, so its answers depend on the whole context. Its
+    stop tokens' logits are 0, mid-pack, so with top-k 50 or greedy it talks until max_tokens."""
+    import shutil
+
+    import torch
+
+    from nanochat.checkpoint_manager import PHASE_DIRS, save_checkpoint
+    from nanochat.gpt import GPT, config_for_depth
+    from nanochat.tokenizer import RustBPETokenizer
+
+    base = tmp_path_factory.mktemp("chat")
+    shutil.copytree(pretrain_dir / "tokenizer", base / "tokenizer")
+    tokenizer = RustBPETokenizer.from_directory(str(base / "tokenizer"))
+    torch.manual_seed(0)
+    config = config_for_depth(2, 512, 4096)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():  # output projections start at zero: give attention a say
+            if not p.any():
+                p.normal_(0, 0.02)
+        for stop in ("<|assistant_end|>", "<|bos|>"):
+            model.lm_head.weight[tokenizer.encode_special(stop)] = 0
+    for phase in ("base", "sft"):
+        save_checkpoint(str(base / PHASE_DIRS[phase] / "d2"), 7, model, [], {"step": 7, "model_config": vars(config)})
+    return base
+
+
+@pytest.fixture
+def chat_env(chat_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(chat_dir))
+    return chat_dir
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def chat_server(chat_dir, tmp_path_factory):
+    """`python -m scripts.chat_web` really started: 2 workers on a free port; yields its URL."""
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(chat_dir)}
+    log = tmp_path_factory.mktemp("chat_web") / "server.log"
+    server = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "-n", "2", "-m", "200", "-p", str(port)],
+                              cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            pytest.fail(f"chat_web did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    yield url
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()

@@ -1,0 +1,60 @@
+"""
+Talking to a trained model, shared by the terminal and the web front ends: which checkpoint to
+serve, how much room the context leaves for a reply, and streaming a reply as text without ever
+splitting a character (a byte-level token can end in the middle of a UTF-8 sequence).
+"""
+
+import codecs
+import sys
+
+from nanochat.checkpoint_manager import find_model_tag, load_model
+from nanochat.engine import Engine
+
+DEFAULT_SOURCES = ["sft", "mid", "base"]  # without -i: the most finished model that exists
+
+
+def load_chat_model(source, device, model_tag=None, step=None):
+    """(engine, meta, source). With source None, the first of DEFAULT_SOURCES that has
+    checkpoints, saying on stderr which were missing."""
+    missing = []
+    for candidate in [source] if source else DEFAULT_SOURCES:
+        try:
+            model, tokenizer, meta = load_model(candidate, device, model_tag=model_tag, step=step)
+        except FileNotFoundError as e:
+            if source:
+                raise
+            missing.append((candidate, str(e)))
+            continue
+        if missing:
+            print(f"no {' or '.join(m for m, _ in missing)} model; using the {candidate} model", file=sys.stderr)
+        return Engine(model, tokenizer), meta, candidate
+    raise FileNotFoundError("; ".join(reason for _, reason in missing))
+
+
+def reply_budget(engine, prompt, max_tokens):
+    """How many tokens a reply to `prompt` may take: max_tokens, capped by the model's context."""
+    return min(max_tokens, engine.model.config.sequence_len - len(prompt))
+
+
+def stream_reply(engine, prompt, max_tokens, temperature, top_k, seed):
+    """Token ids of one reply as they are sampled, without the closing <|assistant_end|>."""
+    for tokens, _ in engine.generate(prompt, 1, max_tokens, temperature, top_k, seed):
+        if tokens[0] in engine.stop:
+            return
+        yield tokens[0]
+
+
+class TextStream:
+    """Token ids in, text out: the bytes of a character split across tokens are held back until
+    the character is complete (invalid bytes become U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id):
+        return self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+
+    def flush(self):
+        return self.decoder.decode(b"", final=True)
+
