@@ -25,6 +25,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+import nanochat
 from nanochat.chat import TextStream, load_chat_model, reply_budget, stream_reply
 from nanochat.common import autodetect_device_type
 from nanochat.training import parse_args
@@ -45,7 +46,7 @@ parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: 
 # Request limits: enough for any real chat, small enough that no request can hog the server.
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
 MAX_BODY_BYTES = 1 << 20
-UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+UI_PATH = os.path.join(os.path.dirname(nanochat.__file__), "ui.html")
 
 
 class Message(BaseModel):

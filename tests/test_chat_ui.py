@@ -1,0 +1,86 @@
+"""The chat page in a real headless Chromium (Debian's `chromium`, driven by Playwright) against the
+real chat_web server. Screenshots go to $NANOCHAT_TEST_ARTIFACTS (default: .test_artifacts/)."""
+
+import os
+import shutil
+
+import pytest
+
+from conftest import REPO
+
+ARTIFACTS = os.environ.get("NANOCHAT_TEST_ARTIFACTS", os.path.join(REPO, ".test_artifacts"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.fail("no chromium on PATH: `apt-get install chromium` (.ci/run does)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def wait_idle(page):
+    """Until the answer has finished streaming (the Stop button is Send again)."""
+    page.wait_for_function("document.getElementById('send').textContent === 'Send'", timeout=60_000)
+
+
+def bubbles(page, role):
+    return page.locator(f".message.{role} .bubble").all_inner_texts()
+
+
+def test_chat_stream_regenerate_edit_and_new_chat(browser, chat_server):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    page.goto(chat_server)
+    page.fill("#input", "Hello there!")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".message.streaming", timeout=30_000)  # the answer appears while it streams
+    page.wait_for_function("(document.querySelector('.streaming .bubble') || {}).textContent?.length > 3")
+    wait_idle(page)
+    assert bubbles(page, "user") == ["Hello there!"]
+    first = bubbles(page, "assistant")
+    assert len(first) == 1 and first[0].strip()
+    page.screenshot(path=os.path.join(ARTIFACTS, "chat_ui.png"), full_page=True)
+
+    page.click(".message.assistant .regenerate")
+    wait_idle(page)
+    second = bubbles(page, "assistant")
+    assert len(second) == 1 and second != first  # a new sample replaced the old answer
+
+    page.click(".message.user .edit")
+    page.fill(".edit-box", "Something else entirely")
+    page.click(".actions .save")
+    wait_idle(page)
+    assert bubbles(page, "user") == ["Something else entirely"]
+    assert len(bubbles(page, "assistant")) == 1
+
+    page.fill("#input", "And a follow-up")
+    page.click("#send")
+    wait_idle(page)
+    assert bubbles(page, "user") == ["Something else entirely", "And a follow-up"]
+    assert len(bubbles(page, "assistant")) == 2
+
+    page.click("#new-chat")
+    assert page.locator(".message").count() == 0
+    page.close()
+
+
+def test_bad_request_shows_an_error_and_phone_width_fits(browser, chat_server):
+    page = browser.new_page(viewport={"width": 375, "height": 720})
+    page.goto(chat_server)
+    page.fill("#input", "x" * 8001)  # over the server's per-message limit
+    page.click("#send")
+    page.wait_for_selector(".message.error", timeout=30_000)
+    assert "8000" in page.locator(".message.error").inner_text()
+    page.fill("#input", "short " * 60)
+    page.click("#send")
+    wait_idle(page)
+    assert page.locator(".message.error").count() == 0 and len(bubbles(page, "user")) == 1
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # nothing wider than the phone
+    page.screenshot(path=os.path.join(ARTIFACTS, "chat_ui_phone.png"), full_page=True)
+    page.close()
