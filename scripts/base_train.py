@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint, save_checkpoint, saved_steps
 from nanochat.common import DummyWandb, compute_cleanup, compute_init, print0, setup_default_logging
+from nanochat.core_eval import eval_bundle_dir, evaluate_core
 from nanochat.dataloader import cropped_fraction, tokenizing_distributed_data_loader
+from nanochat.download import DownloadError
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import EVAL_LOADER_KWARGS, evaluate_bpb
 from nanochat.optim import step_optimizers
@@ -50,7 +52,8 @@ parser.add_argument("--final_lr_frac", type=float, default=0.0)
 # evaluation, sampling, checkpoints
 parser.add_argument("--eval_every", type=int, default=250, help="val bits/byte every N steps (0 = only at the end)")
 parser.add_argument("--eval_tokens", type=int, default=-1, help="val tokens per evaluation (-1: 20 x total_batch_size)")
-parser.add_argument("--core_metric_every", type=int, default=2000, help="CORE every N steps (needs the evaluation stage)")
+parser.add_argument("--core_metric_every", type=int, default=2000, help="CORE every N steps (-1 = never; the full one is scripts.base_eval)")
+parser.add_argument("--core_metric_max_per_task", type=int, default=500, help="items per CORE task during training")
 parser.add_argument("--sample_every", type=int, default=2000, help="greedy samples every N steps (0 = only at the end)")
 parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
 parser.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
@@ -157,7 +160,9 @@ def main():
     try:
         train_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device, resume_state=loader_state)
         tokenizing_distributed_data_loader(tokenizer, B, T, "val", device)  # fail now, not at the first eval
-    except (FileNotFoundError, ValueError) as e:
+        if 0 < args.core_metric_every <= num_iterations:
+            eval_bundle_dir()
+    except (FileNotFoundError, ValueError, DownloadError) as e:
         raise SystemExit(f"error: {e}")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     stop = StopRequest()
@@ -175,6 +180,14 @@ def main():
             loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
             print0(f"step {step:05d} | val bpb: {bpb:.6f}")
             wandb_run.log({"step": step, "val/bpb": bpb})
+        if args.core_metric_every > 0 and step > 0 and step % args.core_metric_every == 0:
+            model.eval()
+            with autocast:
+                core = evaluate_core(model, tokenizer, device, args.core_metric_max_per_task, rank, world_size)["core"]
+            model.train()
+            loop["core_metric"] = core
+            print0(f"step {step:05d} | CORE: {core:.4f}")
+            wandb_run.log({"step": step, "core_metric": core})
         if master and (last_step or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)):
             model.eval()
             with autocast:

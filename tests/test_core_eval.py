@@ -151,8 +151,10 @@ def read_csv(folder):
 
 def test_base_eval_one_process_and_two_agree(pretrain_env, mirrored, tmp_path):
     flags = ["--depth=2", "--max_seq_len=128", "--device_batch_size=2", "--total_batch_size=256",
-             "--eval_tokens=256", "--sample_every=0", "--num_iterations=3", "--eval_every=0", "--model_tag=coretest"]
-    assert run_module("scripts.base_train", *flags).returncode == 0
+             "--eval_tokens=256", "--sample_every=0", "--num_iterations=3", "--eval_every=0", "--model_tag=coretest",
+             "--core_metric_every=3", "--core_metric_max_per_task=2"]
+    train = run_module("scripts.base_train", *flags)
+    assert train.returncode == 0 and "step 00003 | CORE: " in train.stdout, train.stderr[-2000:]
     one = run_module("scripts.base_eval", "-g", "coretest", "--max_per_task=6")
     assert one.returncode == 0, one.stderr
     assert "CORE" in one.stdout and "arc_easy" in one.stdout
