@@ -1,0 +1,161 @@
+"""
+Run untrusted Python (model-written HumanEval completions) in a separate, limited process.
+
+    result = execute_code("print(1 + 1)")      # ExecutionResult(success=True, stdout="2\\n", ...)
+
+What it does:
+- a fresh `python -I` process (isolated mode: no site dir, no PYTHON* variables) in its own
+  session and process group, with stdin closed, an empty environment but PATH, a new temporary
+  working directory, removed afterwards;
+- kernel limits on it: address space (`maximum_memory_bytes`: a big allocation raises MemoryError
+  there), CPU seconds, size of any file it writes (its stdout and stderr go to files, so output is
+  capped at MAX_OUTPUT_BYTES each), number of processes;
+- a wall-clock timeout, after which the whole process group is killed (and it is killed once the
+  code finishes too, so nothing it started lives on);
+- run as root, it drops to the `nobody` user first: it then cannot write, delete or signal
+  anything of the caller's, and the process limit makes fork bombs fail in the kernel;
+- inside, before the code runs, the functions that destroy files, start or signal processes, or
+  change the environment are replaced with ones that raise (a guard against accidents, not a
+  wall: determined code can get them back, e.g. through ctypes).
+
+What it does not do: isolate the network or the file system from reading (the code can read
+whatever the user it runs as can read, and as a non-root caller it runs as you and can write what
+you can), or stop a process that escaped the guards from writing into world-writable places such
+as /tmp. For code you do not trust at all, run this inside a container or VM as well.
+"""
+
+import os
+import pwd
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+MAX_OUTPUT_BYTES = 1 << 20  # per stream
+MEMORY_ERROR_EXIT = 113  # the runner's exit status when the code ran out of memory
+
+# The stdlib modules model-written code commonly imports: loaded before dropping to `nobody`, who
+# may not be able to read the interpreter's own folders (e.g. under /root).
+PRELOAD = ("math cmath re string collections itertools functools operator heapq bisect random statistics typing "
+           "fractions decimal numbers hashlib json copy datetime time calendar array enum dataclasses textwrap "
+           "unicodedata struct abc io")
+
+# Executed by the child: read the code, become `nobody` if started as root, disable dangerous
+# functions, then run the code.
+RUNNER = r"""
+import builtins, importlib, os, resource, shutil, signal, subprocess, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # too much output: a write error, not a silent kill
+with open("prog.py", encoding="utf-8") as f:
+    source = f.read()
+if len(sys.argv) == 3:  # started as root: become nobody (uid, gid), allowed no child processes
+    for module in "%s".split():
+        importlib.import_module(module)
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+    os.setgroups([])
+    os.setgid(int(sys.argv[2]))
+    os.setuid(int(sys.argv[1]))
+
+def refuse(name):
+    def refused(*args, **kwargs):
+        raise PermissionError(f"{name} is disabled in the sandbox")
+    return refused
+
+for name in ["kill", "killpg", "system", "popen", "fork", "forkpty", "vfork", "remove", "unlink", "rmdir",
+             "removedirs", "rename", "renames", "replace", "truncate", "ftruncate", "chmod", "fchmod", "chown",
+             "fchown", "lchown", "chdir", "fchdir", "chroot", "putenv", "unsetenv", "setuid", "setgid",
+             "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
+             "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
+             "posix_spawn", "posix_spawnp", "setsid", "setpgid", "nice"]:
+    if hasattr(os, name):
+        setattr(os, name, refuse("os." + name))
+shutil.rmtree = refuse("shutil.rmtree")
+shutil.move = refuse("shutil.move")
+subprocess.Popen = refuse("subprocess.Popen")
+for name in ["ctypes", "_ctypes", "multiprocessing", "resource", "pty"]:
+    sys.modules[name] = None  # importing them fails
+builtins.quit = builtins.exit = refuse("exit")
+
+try:
+    exec(compile(source, "prog.py", "exec"), {"__name__": "__main__"})
+except MemoryError:
+    sys.stderr.write("MemoryError\n")
+    sys.stderr.flush()
+    os._exit(%d)
+""" % (PRELOAD, MEMORY_ERROR_EXIT)
+
+
+@dataclass
+class ExecutionResult:
+    success: bool
+    stdout: str
+    stderr: str
+    error: str | None = None  # why it did not succeed, in a few words
+    timeout: bool = False
+    memory_exceeded: bool = False
+
+
+def _limit(timeout, maximum_memory_bytes):
+    """What the child does between fork and exec: the kernel limits."""
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (maximum_memory_bytes, maximum_memory_bytes))
+        cpu = int(timeout) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_OUTPUT_BYTES, MAX_OUTPUT_BYTES))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read(MAX_OUTPUT_BYTES).decode("utf-8", errors="replace")
+
+
+def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
+    """Run `code` as a Python program under the limits above and report what happened."""
+    run_as = pwd.getpwnam("nobody") if os.getuid() == 0 else None
+    workdir = tempfile.mkdtemp(prefix="nanochat-exec-")
+    try:
+        if run_as is not None:
+            os.chown(workdir, run_as.pw_uid, run_as.pw_gid)
+        with open(os.path.join(workdir, "prog.py"), "w", encoding="utf-8") as f:
+            f.write(code)
+        out_path, err_path = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", RUNNER, *([str(run_as.pw_uid), str(run_as.pw_gid)] if run_as else [])], cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir}, start_new_session=True,
+                preexec_fn=_limit(timeout, maximum_memory_bytes))
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the code and anything it started
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        stdout, stderr = _read(out_path), _read(err_path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return _outcome(proc.returncode, stdout, stderr, timed_out)
+
+
+def _outcome(returncode, stdout, stderr, timed_out):
+    if timed_out:
+        return ExecutionResult(False, stdout, stderr, "timed out", timeout=True)
+    if returncode == MEMORY_ERROR_EXIT:
+        return ExecutionResult(False, stdout, stderr, "memory limit exceeded", memory_exceeded=True)
+    if returncode == 0:
+        return ExecutionResult(True, stdout, stderr)
+    if returncode < 0:
+        reason = {signal.SIGXCPU: "CPU time limit exceeded", signal.SIGKILL: "killed"}.get(-returncode, f"signal {-returncode}")
+        return ExecutionResult(False, stdout, stderr, reason)
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
+    return ExecutionResult(False, stdout, stderr, last)
