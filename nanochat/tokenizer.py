@@ -194,7 +194,7 @@ class RustBPETokenizer:
         text, its python calls, <|assistant_end|>), 0 elsewhere (user text, tool output, framing).
         A system message is folded into the first user message. Cut to `max_tokens`.
         """
-        messages = _validated_messages(conversation)
+        messages = validated_messages(conversation)
         ids, mask = [], []
 
         def add(tokens, learn):
@@ -227,7 +227,7 @@ class RustBPETokenizer:
     def render_for_completion(self, conversation):
         """Ids to prime the assistant's answer: the conversation without its last (assistant)
         message, followed by <|assistant_start|>."""
-        messages = _validated_messages(conversation)
+        messages = validated_messages(conversation)
         if messages[-1]["role"] != "assistant":
             raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
         ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=1 << 62)
@@ -244,7 +244,7 @@ class RustBPETokenizer:
         return "".join(out)
 
 
-def _validated_messages(conversation):
+def validated_messages(conversation):
     """The messages with any system message merged into the first user message; ValueError if
     the conversation is malformed."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):

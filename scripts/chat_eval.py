@@ -1,0 +1,146 @@
+"""
+Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval and SpellingBee, and
+their ChatCORE: the mean accuracy centered on each task's chance level (0.25 for the four-way
+multiple-choice tasks, 0 for the generative ones), reported when all six ran.
+
+    python -m scripts.chat_eval -i sft                        # every task
+    python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 100
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
+
+Multiple-choice (categorical) tasks: one batched forward per batch of questions, the answer is
+the letter whose token scores highest at the answer's position (only the answer letters compete).
+Generative tasks: -n samples per problem from the Engine (calculator tool on); a problem counts
+as solved if any sample is correct.
+"""
+
+import argparse
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat.chat import reply_budget
+from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
+from nanochat.download import DownloadError
+from nanochat.engine import Engine
+from nanochat.checkpoint_manager import load_model
+from nanochat.report import get_report
+from nanochat.training import parse_args
+from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spellingbee import SpellingBee
+
+TASKS = {
+    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), 0.25),
+    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"), 0.25),
+    "MMLU": (lambda: MMLU("all", "test"), 0.25),
+    "GSM8K": (lambda: GSM8K("test"), 0.0),
+    "HumanEval": (lambda: HumanEval(), 0.0),
+    "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
+}
+
+parser = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks.")
+parser.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default="sft")
+parser.add_argument("-a", "--task_name", default=None, help=f"'|'-separated, from {'|'.join(TASKS)} (default: all)")
+parser.add_argument("-t", "--temperature", type=float, default=0.0)
+parser.add_argument("-m", "--max_new_tokens", type=int, default=512)
+parser.add_argument("-n", "--num_samples", type=int, default=1)
+parser.add_argument("-k", "--top_k", type=int, default=50)
+parser.add_argument("-b", "--batch_size", type=int, default=8, help="questions per forward (categorical tasks)")
+parser.add_argument("-g", "--model_tag", default=None)
+parser.add_argument("-s", "--step", type=int, default=None)
+parser.add_argument("-x", "--max_problems", type=int, default=None, help="evaluate at most this many problems per task")
+parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, indices, batch_size, device):
+    """Correct answers among task[i] for i in indices."""
+    correct = 0
+    for b in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[b : b + batch_size]]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        batch = torch.full((len(prompts), width), tokenizer.get_bos_token_id(), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            batch[r, : len(p)] = torch.tensor(p)
+        logits = model(batch.to(device))
+        for r, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letter_ids = [letter_token(tokenizer, letter) for letter in conversation["letters"]]
+            scores = logits[r, len(prompt) - 1, letter_ids]
+            correct += task.evaluate(conversation, conversation["letters"][scores.argmax().item()])
+    return correct
+
+
+def letter_token(tokenizer, letter):
+    ids = tokenizer.encode(letter)
+    if len(ids) != 1:
+        raise ValueError(f"answer letter {letter!r} is {len(ids)} tokens for this tokenizer; expected 1")
+    return ids[0]
+
+
+def run_generative(engine, task, indices, args):
+    """Problems among task[i] for i in indices that at least one of num_samples answers solves."""
+    solved = 0
+    for i in indices:
+        conversation = task[i]
+        prompt = engine.tokenizer.render_for_completion(conversation)
+        budget = reply_budget(engine, prompt, args.max_new_tokens)
+        if budget < 1:
+            continue  # the question alone fills the model's context: unsolved
+        samples, _ = engine.generate_batch(prompt, args.num_samples, max_tokens=budget, temperature=args.temperature,
+                                           top_k=args.top_k, seed=i)
+        solved += any(task.evaluate(conversation, engine.tokenizer.decode(s[len(prompt):])) for s in samples)
+    return solved
+
+
+def main():
+    args = parse_args(parser)
+    setup_default_logging()
+    names = args.task_name.split("|") if args.task_name else list(TASKS)
+    if unknown := [n for n in names if n not in TASKS]:
+        parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(TASKS)}")
+    if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        parser.error("need -n, -b, -m >= 1 and -t >= 0")
+    is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    try:
+        model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"chat_eval: {e}")
+    engine = Engine(model, tokenizer)
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    accuracies = {}
+    for name in names:
+        try:
+            task = TASKS[name][0]()
+        except DownloadError as e:
+            raise SystemExit(f"chat_eval: cannot fetch {name}: {e}")
+        total = len(task) if args.max_problems is None else min(len(task), args.max_problems)
+        indices = list(range(rank, total, world_size))
+        with autocast:
+            if task.eval_type == "categorical":
+                correct = run_categorical(model, tokenizer, task, indices, args.batch_size, device)
+            else:
+                correct = run_generative(engine, task, indices, args)
+        count = torch.tensor(correct, dtype=torch.float64, device=device)
+        if is_ddp:
+            dist.all_reduce(count)
+        accuracies[name] = count.item() / total
+        print0(f"{name}: {int(count.item())}/{total} = {100 * accuracies[name]:.2f}%")
+
+    report = [{"source": args.source, "step": meta["step"], "max_problems": args.max_problems}, accuracies]
+    if len(accuracies) == len(TASKS):
+        centered = [(accuracies[n] - TASKS[n][1]) / (1 - TASKS[n][1]) for n in TASKS]
+        chatcore = sum(centered) / len(centered)
+        print0(f"ChatCORE: {chatcore:.4f}")
+        report.append({"ChatCORE": chatcore})
+    if rank == 0:
+        get_report().log(f"Chat evaluation {args.source}", report)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()
