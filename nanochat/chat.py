@@ -7,7 +7,7 @@ splitting a character (a byte-level token can end in the middle of a UTF-8 seque
 import codecs
 import sys
 
-from nanochat.checkpoint_manager import find_model_tag, load_model
+from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 
 DEFAULT_SOURCES = ["sft", "mid", "base"]  # without -i: the most finished model that exists

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat.chat import reply_budget
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
 from nanochat.download import DownloadError
 from nanochat.engine import Engine
-from nanochat.checkpoint_manager import load_model
 from nanochat.report import get_report
 from nanochat.training import parse_args
 from tasks.arc import ARC

@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 
-import pytest
 
 from conftest import REPO, run_module
 from nanochat.chat import TextStream
