@@ -1,12 +1,23 @@
-"""Pieces every training stage shares: schedules, throughput accounting, graceful stopping."""
+"""
+What every training stage (base, mid, SFT, RL) shares: the common flags, the learning-rate
+schedule, graceful stopping, and the Trainer that runs the loop: gradient accumulation, the
+optimizer step, logging (loss, tokens/s, MFU), evaluation hooks and checkpoints that resume
+exactly. A stage script supplies only its model source, its batches and its loss.
+"""
 
+import base64
 import signal
 import sys
+import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import print0
+from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint, save_checkpoint, saved_steps
+from nanochat.common import DummyWandb, get_dist_info, print0
+from nanochat.optim import step_optimizers
+from nanochat.report import get_report
 
 
 def parse_args(parser, argv=None):
@@ -16,6 +27,34 @@ def parse_args(parser, argv=None):
     args = parser.parse_args([a for a in argv if a != "--"])
     print0("config: " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
     return args
+
+
+def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0, warmup_ratio=0.0,
+                     warmdown_ratio=0.2, final_lr_frac=0.0, source=None):
+    """The flags every stage takes, with the same meaning everywhere (defaults differ by stage)."""
+    g = parser.add_argument_group("shared by every training stage")
+    g.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    g.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
+    g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA)")
+    if source:
+        g.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default=source, help="the stage to start from")
+        g.add_argument("--source_step", type=int, default=None, help="its checkpoint step (default: the last)")
+    g.add_argument("--device_batch_size", type=int, default=device_batch_size, help="sequences per rank per forward/backward")
+    g.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: the stage's natural length)")
+    g.add_argument("--embedding_lr", type=float, default=0.2)
+    g.add_argument("--unembedding_lr", type=float, default=0.004)
+    g.add_argument("--matrix_lr", type=float, default=0.02)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--init_lr_frac", type=float, default=init_lr_frac, help="start at this fraction of the LRs above")
+    g.add_argument("--warmup_ratio", type=float, default=warmup_ratio)
+    g.add_argument("--warmdown_ratio", type=float, default=warmdown_ratio)
+    g.add_argument("--final_lr_frac", type=float, default=final_lr_frac)
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--eval_every", type=int, default=eval_every, help="evaluate every N steps (0 = only at the end)")
+    g.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--resume", default="", help="'auto' = the latest checkpoint of this model tag, or a step number")
+    g.add_argument("--model_tag", default=None, help="checkpoint folder name (default: the source's, or d<depth>)")
 
 
 def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
@@ -65,3 +104,154 @@ class StopRequest:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _rng_states(device):
+    states = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device.type == "cuda":
+        states["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return states
+
+
+def _restore_rng(states, device):
+    def tensor(s):
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(states["cpu"]))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(tensor(states["cuda"]), device)
+
+
+def _gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Trainer:
+    """
+    The loop. Each step: `grad_accum` micro-batches (`next_batch()` -> batch,
+    `loss_fn(model, batch)` -> mean loss), learning rates from the schedule, one optimizer step
+    (gradients averaged across ranks, clipped). Before each step, `evaluate(step, last)` may
+    evaluate and return metrics to log. Checkpoints (every --save_every steps, at the end, and
+    on SIGTERM/SIGINT) hold the weights, optimizer shards, loop state, RNG states and each rank's
+    `data_state()`, so that --resume continues with exactly the same numbers.
+    """
+
+    def __init__(self, args, phase, model, device, num_iterations, grad_accum, tokens_per_step, default_tag):
+        self.args, self.phase, self.model, self.device = args, phase, model, device
+        self.num_iterations, self.grad_accum, self.tokens_per_step = num_iterations, grad_accum, tokens_per_step
+        _, self.rank, _, self.world_size = get_dist_info()
+        self.optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] *= args.init_lr_frac
+                group["lr"] = group["initial_lr"]
+        self.folder = checkpoint_dir(phase, args.model_tag or default_tag)
+        self.step, self.loop = 0, {"smooth_loss": 0.0, "training_time": 0.0}
+        use_compile = bool(args.compile) if args.compile is not None else device.type == "cuda"
+        self.train_model = torch.compile(model, dynamic=False) if use_compile else model
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        if args.run != "dummy" and self.rank == 0:
+            import wandb
+
+            self.wandb = wandb.init(project="nanochat", name=args.run, config=vars(args))
+        else:
+            self.wandb = DummyWandb()
+
+    def resume(self):
+        """Load the --resume checkpoint (if asked); returns this rank's data state, or None."""
+        if not self.args.resume:
+            return None
+        steps = saved_steps(self.folder)
+        if not steps:
+            raise SystemExit(f"error: --resume={self.args.resume} but there is no checkpoint in {self.folder}")
+        step = steps[-1] if self.args.resume == "auto" else int(self.args.resume)
+        try:
+            model_state, optim_states, meta = load_checkpoint(self.folder, step, self.device, self.rank)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        if meta["world_size"] != self.world_size or meta["model_config"] != vars(self.model.config):
+            raise SystemExit(f"error: checkpoint {self.folder} step {step} was made with another model or number of ranks")
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, optim_states):
+            opt.load_state_dict(state)
+        self.step, self.loop = meta["step"], meta["loop_state"]
+        _restore_rng(meta["rng"][self.rank], self.device)
+        print0(f"resumed from {self.folder} at step {step}")
+        return meta["data_state"][self.rank]
+
+    def due(self, every, last):
+        """Whether a periodic action (every N steps; 0 = only at the end; <0 = never) runs now."""
+        return every >= 0 and (last or (every > 0 and self.step % every == 0))
+
+    def save(self, data_state):
+        meta = {"step": self.step, "model_config": vars(self.model.config), "user_config": vars(self.args),
+                "world_size": self.world_size, "loop_state": self.loop, "data_state": _gather(data_state),
+                "rng": _gather(_rng_states(self.device))}
+        save_checkpoint(self.folder, self.step, self.model, self.optimizers, meta, self.rank, keep=self.args.keep_checkpoints)
+        print0(f"saved checkpoint at step {self.step} to {self.folder}")
+
+    def fit(self, next_batch, loss_fn, evaluate, data_state, log_extra=lambda: ""):
+        """Train until num_iterations (or a stop request); returns the loop state."""
+        args, muon = self.args, self.optimizers[-1]
+        stop, peak, start_step = StopRequest(), peak_flops(self.device), self.step
+        flops_per_token = self.model.estimate_flops()
+        while True:
+            last = self.step == self.num_iterations
+            self.model.eval()
+            with self.autocast:
+                metrics = evaluate(self.step, last) or {}
+            self.model.train()
+            if metrics:
+                self.wandb.log({"step": self.step, **metrics})
+            stopping = stop.check(self.device)
+            if last or stopping or (args.save_every > 0 and self.step % args.save_every == 0 and self.step != start_step):
+                self.save(data_state())
+            if stopping:
+                print0(f"stopped at step {self.step}; continue with the same command plus --resume=auto")
+            if last or stopping:
+                return self.loop
+
+            t0 = time.time()
+            for _ in range(self.grad_accum):
+                with self.autocast:
+                    loss = loss_fn(self.train_model, next_batch())
+                (loss / self.grad_accum).backward()
+            lrm = lr_multiplier(self.step, self.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            for opt in self.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            for group in muon.param_groups:
+                group["momentum"] = muon_momentum(self.step)
+            grad_norm = step_optimizers(self.optimizers, args.grad_clip)
+            self.model.zero_grad(set_to_none=True)
+            train_loss = loss.item()  # synchronizes with the device, so the step time below is real
+            dt = time.time() - t0
+            self.step += 1
+            self._log(train_loss, lrm, grad_norm, dt, flops_per_token, peak, log_extra())
+
+    def _log(self, train_loss, lrm, grad_norm, dt, flops_per_token, peak, extra):
+        step, loop, beta = self.step, self.loop, 0.9
+        loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * train_loss  # EMA, debiased below
+        smooth = loop["smooth_loss"] / (1 - beta**step)
+        if step > 10:  # the first steps include compilation and warmup
+            loop["training_time"] += dt
+        tok_per_sec = self.tokens_per_step / dt
+        mfu = f"{100 * flops_per_token * tok_per_sec / (peak * self.world_size):.2f}%" if peak else "n/a"
+        avg_dt = loop["training_time"] / (step - 10) if step > 10 else dt
+        eta = (self.num_iterations - step) * avg_dt
+        print0(f"step {step:05d}/{self.num_iterations:05d} ({100 * step / self.num_iterations:.2f}%) | loss: {smooth:.6f} | "
+               f"lrm: {lrm:.2f} | grad norm: {grad_norm:.4f} | dt: {dt * 1000:.1f}ms | tok/sec: {tok_per_sec:,.0f} | "
+               f"mfu: {mfu}{extra} | eta: {eta / 60:.1f}m")
+        self.wandb.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec})
+
+    def finish(self, section, results):
+        """Log the stage's report section and close wandb."""
+        if self.rank == 0:
+            get_report().log(section=section, data=[vars(self.args), {"steps": self.step, **results,
+                                                                       "training_time_min": self.loop["training_time"] / 60}])
+        self.wandb.finish()

@@ -137,4 +137,4 @@ def test_two_nodes_train_together(pretrain_env):
     assert "world size 2" in outs[0][1] + outs[1][1]
     assert "step 00002/00002" in log
     meta = json.load(open(os.path.join(checkpoint_dir("base", "twonodes"), "meta_000002.json")))
-    assert meta["world_size"] == 2 and len(meta["loader_state"]) == 2
+    assert meta["world_size"] == 2 and len(meta["data_state"]) == 2
