@@ -55,6 +55,7 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--resume", default="", help="'auto' = the latest checkpoint of this model tag, or a step number")
     g.add_argument("--model_tag", default=None, help="checkpoint folder name (default: the source's, or d<depth>)")
+    g.add_argument("--dry_run", type=int, default=0, help="1 = train and evaluate, but write no checkpoint or report")
 
 
 def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
@@ -142,6 +143,7 @@ class Trainer:
     """
 
     def __init__(self, args, phase, model, device, num_iterations, grad_accum, tokens_per_step, default_tag):
+        """tokens_per_step: a number, or a function giving the last step's (for throughput)."""
         self.args, self.phase, self.model, self.device = args, phase, model, device
         self.num_iterations, self.grad_accum, self.tokens_per_step = num_iterations, grad_accum, tokens_per_step
         _, self.rank, _, self.world_size = get_dist_info()
@@ -189,6 +191,8 @@ class Trainer:
         return every >= 0 and (last or (every > 0 and self.step % every == 0))
 
     def save(self, data_state):
+        if self.args.dry_run:
+            return
         meta = {"step": self.step, "model_config": vars(self.model.config), "user_config": vars(self.args),
                 "world_size": self.world_size, "loop_state": self.loop, "data_state": _gather(data_state),
                 "rng": _gather(_rng_states(self.device))}
@@ -240,7 +244,8 @@ class Trainer:
         smooth = loop["smooth_loss"] / (1 - beta**step)
         if step > 10:  # the first steps include compilation and warmup
             loop["training_time"] += dt
-        tok_per_sec = self.tokens_per_step / dt
+        tokens = self.tokens_per_step() if callable(self.tokens_per_step) else self.tokens_per_step
+        tok_per_sec = tokens / dt
         mfu = f"{100 * flops_per_token * tok_per_sec / (peak * self.world_size):.2f}%" if peak else "n/a"
         avg_dt = loop["training_time"] / (step - 10) if step > 10 else dt
         eta = (self.num_iterations - step) * avg_dt
@@ -251,7 +256,7 @@ class Trainer:
 
     def finish(self, section, results):
         """Log the stage's report section and close wandb."""
-        if self.rank == 0:
+        if self.rank == 0 and not self.args.dry_run:
             get_report().log(section=section, data=[vars(self.args), {"steps": self.step, **results,
                                                                        "training_time_min": self.loop["training_time"] / 60}])
         self.wandb.finish()

@@ -96,6 +96,20 @@ def run_generative(engine, task, indices, args):
     return solved
 
 
+def task_accuracy(task, model, engine, args, device, max_problems=None, rank=0, world_size=1):
+    """Accuracy on the first max_problems of `task`, each rank taking every world_size-th problem."""
+    total = len(task) if max_problems is None else min(len(task), max_problems)
+    indices = list(range(rank, total, world_size))
+    if task.eval_type == "categorical":
+        correct = run_categorical(model, engine.tokenizer, task, indices, args.batch_size, device)
+    else:
+        correct = run_generative(engine, task, indices, args)
+    count = torch.tensor(correct, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(count)
+    return count.item() / total, int(count.item()), total
+
+
 def main():
     args = parse_args(parser)
     setup_default_logging()
@@ -104,7 +118,7 @@ def main():
         parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(TASKS)}")
     if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         parser.error("need -n, -b, -m >= 1 and -t >= 0")
-    is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    _, rank, _, world_size, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:
@@ -118,18 +132,9 @@ def main():
             task = TASKS[name][0]()
         except DownloadError as e:
             raise SystemExit(f"chat_eval: cannot fetch {name}: {e}")
-        total = len(task) if args.max_problems is None else min(len(task), args.max_problems)
-        indices = list(range(rank, total, world_size))
         with autocast:
-            if task.eval_type == "categorical":
-                correct = run_categorical(model, tokenizer, task, indices, args.batch_size, device)
-            else:
-                correct = run_generative(engine, task, indices, args)
-        count = torch.tensor(correct, dtype=torch.float64, device=device)
-        if is_ddp:
-            dist.all_reduce(count)
-        accuracies[name] = count.item() / total
-        print0(f"{name}: {int(count.item())}/{total} = {100 * accuracies[name]:.2f}%")
+            accuracies[name], correct, total = task_accuracy(task, model, engine, args, device, args.max_problems, rank, world_size)
+        print0(f"{name}: {correct}/{total} = {100 * accuracies[name]:.2f}%")
 
     report = [{"source": args.source, "step": meta["step"], "max_problems": args.max_problems}, accuracies]
     if len(accuracies) == len(TASKS):

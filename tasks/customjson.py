@@ -1,9 +1,14 @@
 """Conversations from a JSONL file: each line a list of messages, or {"messages": [...]}."""
 
 import json
+import os
 
+import nanochat
 from nanochat.tokenizer import validated_messages
 from tasks.common import Task
+
+# Who the assistant says it is: written for this project by dev/gen_identity_conversations.py.
+IDENTITY_CONVERSATIONS = os.path.join(os.path.dirname(nanochat.__file__), "data", "identity_conversations.jsonl")
 
 
 class CustomJSON(Task):

@@ -1,0 +1,153 @@
+"""
+Reinforcement learning on GSM8K: for each training problem the model samples --num_samples
+answers (calculator tool on); an answer's reward is 1 if its final number is right; its
+advantage is the reward minus the mean reward of its problem's samples. The loss is the
+policy gradient -advantage * log p(token), summed over the tokens the model sampled (the prompt
+and the tool outputs forced into the answer do not count) and divided by their number.
+Every --eval_every steps: pass@1 and pass@k on GSM8K test.
+
+    python -m scripts.chat_rl
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl
+"""
+
+import argparse
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from nanochat.chat import reply_budget
+from nanochat.checkpoint_manager import find_model_tag, load_model
+from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
+from nanochat.download import DownloadError
+from nanochat.engine import Engine
+from nanochat.training import Trainer, add_common_flags, parse_args
+from tasks.gsm8k import GSM8K
+
+parser = argparse.ArgumentParser(description="Improve a chat model on GSM8K by reinforcement learning.")
+add_common_flags(parser, device_batch_size=8, eval_every=60, source="sft", init_lr_frac=0.05, warmdown_ratio=1.0)
+parser.add_argument("--examples_per_step", type=int, default=16, help="problems per step (all ranks)")
+parser.add_argument("--num_samples", type=int, default=16, help="answers sampled per problem")
+parser.add_argument("--max_new_tokens", type=int, default=256)
+parser.add_argument("--temperature", type=float, default=1.0)
+parser.add_argument("--top_k", type=int, default=50)
+parser.add_argument("--eval_examples", type=int, default=400, help="GSM8K test problems per evaluation")
+parser.add_argument("--eval_k", type=int, default=4, help="samples per problem for pass@k")
+
+
+def rollout_batches(engine, task, indices, args, seed):
+    """Sample answers to task[i] for i in indices; returns (micro-batches of (inputs, targets,
+    advantages), rewards). Targets are -1 where nothing was sampled: prompt, tool output, padding."""
+    tokenizer, pad_id = engine.tokenizer, engine.tokenizer.get_bos_token_id()
+    rows, rewards = [], []
+    for i in indices:
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        budget = reply_budget(engine, prompt, args.max_new_tokens)
+        if budget < 1:
+            continue
+        sequences, masks = engine.generate_batch(prompt, args.num_samples, max_tokens=budget, temperature=args.temperature,
+                                                 top_k=args.top_k, seed=seed + i)
+        scores = [task.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
+        mean = sum(scores) / len(scores)
+        rows += [(s, m, r - mean) for s, m, r in zip(sequences, masks, scores)]
+        rewards += scores
+    batches = []
+    for b in range(0, len(rows), args.device_batch_size):
+        chunk = rows[b : b + args.device_batch_size]
+        width = max(len(s) for s, _, _ in chunk) - 1
+        x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        y = torch.full((len(chunk), width), -1, dtype=torch.long)
+        for r, (s, m, _) in enumerate(chunk):
+            s, m = torch.tensor(s), torch.tensor(m)
+            x[r, : len(s) - 1] = s[:-1]
+            y[r, : len(s) - 1] = torch.where(m[1:] == 1, s[1:], -1)
+        batches.append((x, y, torch.tensor([a for _, _, a in chunk], dtype=torch.float32)))
+    return batches, rewards
+
+
+def empty_batch(pad_id):
+    """A micro-batch with nothing to learn: stands in for problems whose prompt filled the context."""
+    return torch.full((1, 1), pad_id, dtype=torch.long), torch.full((1, 1), -1, dtype=torch.long), torch.zeros(1)
+
+
+def policy_gradient_loss(model, x, y, advantages, num_tokens):
+    """-sum(advantage * log p(sampled token)) / num_tokens over this micro-batch's sampled tokens."""
+    logp = -model(x, y, loss_reduction="none").view(y.shape)  # 0 where y is -1
+    return -(logp * advantages[:, None]).sum() / num_tokens
+
+
+@torch.no_grad()
+def pass_at_k(engine, task, args, device, rank, world_size):
+    """(pass@1, pass@k) on the first --eval_examples problems, k = --eval_k samples each."""
+    tokenizer = engine.tokenizer
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # sum of per-problem pass@1, solved, problems
+    for i in range(rank, min(args.eval_examples, len(task)), world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        budget = reply_budget(engine, prompt, args.max_new_tokens)
+        correct = [0] * args.eval_k
+        if budget >= 1:
+            sequences, _ = engine.generate_batch(prompt, args.eval_k, max_tokens=budget, temperature=args.temperature,
+                                                 top_k=args.top_k, seed=i)
+            correct = [task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
+        counts += torch.tensor([sum(correct) / len(correct), any(correct), 1], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    return (counts[0] / counts[2]).item(), (counts[1] / counts[2]).item()
+
+
+def main():
+    args = parse_args(parser)
+    setup_default_logging()
+    _, rank, _, world_size, device = compute_init(args.device_type)
+    if args.examples_per_step % world_size or args.num_samples < 1 or args.eval_k < 1:
+        raise SystemExit(f"error: --examples_per_step={args.examples_per_step} must split evenly over {world_size} ranks, "
+                         "and --num_samples and --eval_k be >= 1")
+    try:
+        model_tag = args.model_tag or find_model_tag(args.source)
+        model, tokenizer, _ = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.source_step)
+        train, test = GSM8K("train"), GSM8K("test")
+    except (FileNotFoundError, ValueError, DownloadError) as e:
+        raise SystemExit(f"chat_rl: {e}")
+    per_rank = args.examples_per_step // world_size
+    grad_accum = -(-per_rank * args.num_samples // args.device_batch_size)  # micro-batches per step (ceil)
+    num_iterations = args.num_iterations if args.num_iterations > 0 else len(train) // args.examples_per_step
+    print0(f"{len(train):,} problems, {args.examples_per_step} per step x {args.num_samples} samples; "
+           f"training {num_iterations:,} steps, {grad_accum} micro-batches per rank per step")
+    engine = Engine(model, tokenizer)
+    step_stats = {"tokens": 0, "reward": 0.0}
+    trainer = Trainer(args, "rl", model, device, num_iterations, grad_accum, lambda: step_stats["tokens"], model_tag)
+    trainer.resume()  # the problems and sampling seeds of a step follow from the step number alone
+
+    queue = deque()
+
+    def next_batch():
+        if not queue:  # a new step: sample this rank's problems
+            first = trainer.step * args.examples_per_step
+            indices = [(first + j) % len(train) for j in range(rank, args.examples_per_step, world_size)]
+            batches, rewards = rollout_batches(engine, train, indices, args, seed=1_000_003 * trainer.step)
+            batches += [empty_batch(tokenizer.get_bos_token_id())] * (grad_accum - len(batches))
+            num_tokens = max(1, sum(int((y >= 0).sum()) for _, y, _ in batches))
+            step_stats.update(tokens=num_tokens, reward=sum(rewards) / max(1, len(rewards)))
+            # The trainer averages the grad_accum micro-batch losses; this divisor makes the step's
+            # gradient the sum over all its sampled tokens divided by their number.
+            queue.extend((x.to(device), y.to(device), a.to(device), num_tokens / grad_accum) for x, y, a in batches)
+        return queue.popleft()
+
+    def evaluate(step, last):
+        if not trainer.due(args.eval_every, last):
+            return {}
+        p1, pk = pass_at_k(engine, test, args, device, rank, world_size)
+        trainer.loop.update({"pass@1": p1, f"pass@{args.eval_k}": pk})
+        print0(f"step {step:05d} | GSM8K pass@1: {p1:.4f} | pass@{args.eval_k}: {pk:.4f}")
+        return {"gsm8k/pass@1": p1, f"gsm8k/pass@{args.eval_k}": pk}
+
+    trainer.fit(next_batch, lambda m, batch: policy_gradient_loss(m, *batch), evaluate, lambda: None,
+                log_extra=lambda: f" | reward: {step_stats['reward']:.3f}")
+    trainer.finish("Chat RL", {k: trainer.loop.get(k) for k in ("pass@1", f"pass@{args.eval_k}")})
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()
