@@ -53,7 +53,7 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g.add_argument("--eval_every", type=int, default=eval_every, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    g.add_argument("--resume", default="", help="'auto' = the latest checkpoint of this model tag, or a step number")
+    g.add_argument("--resume", default="", help="'auto' = the latest checkpoint of this model tag if any, or a step number")
     g.add_argument("--model_tag", default=None, help="checkpoint folder name (default: the source's, or d<depth>)")
     g.add_argument("--dry_run", type=int, default=0, help="1 = train and evaluate, but write no checkpoint or report")
 
@@ -169,6 +169,9 @@ class Trainer:
         if not self.args.resume:
             return None
         steps = saved_steps(self.folder)
+        if not steps and self.args.resume == "auto":
+            print0(f"--resume=auto: no checkpoint in {self.folder} yet; starting from the beginning")
+            return None
         if not steps:
             raise SystemExit(f"error: --resume={self.args.resume} but there is no checkpoint in {self.folder}")
         step = steps[-1] if self.args.resume == "auto" else int(self.args.resume)
@@ -212,6 +215,10 @@ class Trainer:
             self.model.train()
             if metrics:
                 self.wandb.log({"step": self.step, **metrics})
+                for name, value in metrics.items():  # for the report's plots (once per step, also on resume)
+                    points = self.loop.setdefault("curves", {}).setdefault(name, [])
+                    if not points or points[-1][0] != self.step:
+                        points.append([self.step, value])
             stopping = stop.check(self.device)
             if last or stopping or (args.save_every > 0 and self.step % args.save_every == 0 and self.step != start_step):
                 self.save(data_state())
@@ -252,11 +259,14 @@ class Trainer:
         print0(f"step {step:05d}/{self.num_iterations:05d} ({100 * step / self.num_iterations:.2f}%) | loss: {smooth:.6f} | "
                f"lrm: {lrm:.2f} | grad norm: {grad_norm:.4f} | dt: {dt * 1000:.1f}ms | tok/sec: {tok_per_sec:,.0f} | "
                f"mfu: {mfu}{extra} | eta: {eta / 60:.1f}m")
+        loop.setdefault("curves", {}).setdefault("train/loss", []).append([step, smooth])
         self.wandb.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec})
 
     def finish(self, section, results):
         """Log the stage's report section and close wandb."""
         if self.rank == 0 and not self.args.dry_run:
-            get_report().log(section=section, data=[vars(self.args), {"steps": self.step, **results,
-                                                                       "training_time_min": self.loop["training_time"] / 60}])
+            report = get_report()
+            report.log(section=section, data=[vars(self.args), {"steps": self.step, **results,
+                                                                "training_time_min": self.loop["training_time"] / 60}])
+            report.log_curves(section, self.loop.get("curves", {}))
         self.wandb.finish()

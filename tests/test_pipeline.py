@@ -1,0 +1,90 @@
+"""The pipeline scripts: speedrun.sh/run1000.sh checked statically and in DRY_RUN mode, and
+dev/runcpu.sh run for real (tiny settings, offline through the mirror), killed in base training and
+run again."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO
+
+SPEEDRUN_STAGES = ["install", "report-reset", "data-first", "data-rest (in the background)", "tokenizer",
+                   "tokenizer-eval", "base-train", "base-loss", "base-eval", "mid-train", "mid-eval", "sft", "sft-eval"]
+
+
+def dry_run(script, **env):
+    r = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "DRY_RUN": "1", "NPROC_PER_NODE": "8", **env})
+    assert r.returncode == 0, r.stderr
+    return [(m[1], m[2]) for m in re.finditer(r"^== (.*?): (.*)$", r.stdout, re.M)]
+
+
+def test_scripts_are_valid_bash_and_pass_shellcheck():
+    scripts = ["speedrun.sh", "run1000.sh", "dev/runcpu.sh", "dev/pipeline.sh"]
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0, script
+    if shutil.which("shellcheck") is None:
+        pytest.fail("shellcheck is not installed: `apt-get install shellcheck` (.ci/run does)")
+    r = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_speedrun_dry_run_lists_the_stages_in_order():
+    stages = dry_run("speedrun.sh")
+    assert [name for name, _ in stages] == SPEEDRUN_STAGES + ["report"]
+    commands = dict(stages)
+    assert commands["base-train"].startswith("torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20")
+    assert "--resume=auto" in commands["base-train"] and "--resume=auto" in commands["sft"]
+    assert commands["mid-eval"].endswith("-m scripts.chat_eval -- -i mid")
+    with_rl = [name for name, _ in dry_run("speedrun.sh", RUN_RL="1")]
+    assert with_rl == SPEEDRUN_STAGES + ["rl", "rl-eval", "report"]
+    assert "--depth=32" in dict(dry_run("run1000.sh"))["base-train"]
+
+
+TINY = {"NUM_SHARDS": "3", "TOK_CHARS": "2000000", "VOCAB": "512", "DEPTH": "2", "SEQ_LEN": "128", "BATCH": "4",
+        "BASE_STEPS": "12", "MID_STEPS": "4", "SFT_STEPS": "4", "EVAL_LIMIT": "2", "MAX_NEW_TOKENS": "8", "SAVE_EVERY": "2"}
+
+
+def test_runcpu_end_to_end_survives_a_kill(tmp_path, shared_mirror):
+    env = {**os.environ, **TINY, "NANOCHAT_BASE_DIR": str(tmp_path / "base"), "NANOCHAT_MIRROR": shared_mirror,
+           "OMP_NUM_THREADS": "2"}
+    log = tmp_path / "base" / "runcpu" / "base-train.log"
+    first = subprocess.Popen(["bash", "dev/runcpu.sh"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (log.exists() and "saved checkpoint at step 4" in log.read_text()):
+        assert first.poll() is None and time.time() < deadline, "runcpu ended or stalled before base training saved"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole run, mid-training, without warning
+    first.wait()
+
+    second = subprocess.run(["bash", "dev/runcpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for done in ("report-reset", "data", "tokenizer", "tokenizer-eval"):
+        assert f"== {done}: finished in an earlier run, skipped" in second.stdout
+    assert re.search(r"resumed from .*base_checkpoints/d2 at step [4-9]", log.read_text())
+    assert "== a question for the model:" in second.stdout and "Assistant: " in second.stdout
+
+    base = tmp_path / "base"
+    for folder in ("base_checkpoints/d2", "mid_checkpoints/d2", "chatsft_checkpoints/d2"):
+        assert any(n.startswith("model_") for n in os.listdir(base / folder)), folder
+    report = (base / "report" / "report.md").read_text()
+    rows = dict(re.findall(r"^\| (\S+) \| (.*) \|$", report, re.M))
+    assert rows["metric"].split(" | ") == ["BASE", "MID", "SFT"]
+    assert float(rows["CORE"].split(" | ")[0]) > -1
+    for metric in ("ARC-Easy", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"):
+        mid, sft = rows[metric].split(" | ")[1:]
+        assert 0 <= float(mid) <= 1 or metric == "ChatCORE" and -1 <= float(mid) <= 1
+        float(sft)
+    for section in ("Tokenizer training", "Base model training", "Base model loss", "Midtraining", "Chat SFT"):
+        assert f"## {section}" in report
+    pngs = re.findall(r"\]\((\S+\.png)\)", report)
+    assert {"base-model-training.png", "midtraining.png", "chat-sft.png", "metrics.png"} <= set(pngs)
+    for name in pngs:
+        data = (base / "report" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
