@@ -24,9 +24,11 @@ stage() {
     fi
     echo "== $name: $*"
     mkdir -p "$RUN_DIR"
+    local start=$SECONDS
     if ! "$@" 2>&1 | tee "$RUN_DIR/$name.log"; then
         echo "stage '$name' failed (log: $RUN_DIR/$name.log); fix the cause and run the script again to continue" >&2
         exit 1
     fi
-    touch "$RUN_DIR/$name.done"
+    echo "$((SECONDS - start))" > "$RUN_DIR/$name.done"  # the marker holds the stage's seconds
+    echo "== $name: done in $((SECONDS - start)) s"
 }
