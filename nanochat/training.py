@@ -35,7 +35,7 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g = parser.add_argument_group("shared by every training stage")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     g.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
-    g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA)")
+    g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA for fixed-shape stages)")
     if source:
         g.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default=source, help="the stage to start from")
         g.add_argument("--source_step", type=int, default=None, help="its checkpoint step (default: the last)")
@@ -142,8 +142,11 @@ class Trainer:
     `data_state()`, so that --resume continues with exactly the same numbers.
     """
 
-    def __init__(self, args, phase, model, device, num_iterations, grad_accum, tokens_per_step, default_tag):
-        """tokens_per_step: a number, or a function giving the last step's (for throughput)."""
+    def __init__(self, args, phase, model, device, num_iterations, grad_accum, tokens_per_step, default_tag,
+                 fixed_shapes=True):
+        """tokens_per_step: a number, or a function giving the last step's (for throughput).
+        fixed_shapes: every batch has the same shape, so --compile defaults to on for CUDA (a stage
+        whose batch widths vary would recompile for each new width)."""
         self.args, self.phase, self.model, self.device = args, phase, model, device
         self.num_iterations, self.grad_accum, self.tokens_per_step = num_iterations, grad_accum, tokens_per_step
         _, self.rank, _, self.world_size = get_dist_info()
@@ -154,7 +157,7 @@ class Trainer:
                 group["lr"] = group["initial_lr"]
         self.folder = checkpoint_dir(phase, args.model_tag or default_tag)
         self.step, self.loop = 0, {"smooth_loss": 0.0, "training_time": 0.0}
-        use_compile = bool(args.compile) if args.compile is not None else device.type == "cuda"
+        use_compile = bool(args.compile) if args.compile is not None else device.type == "cuda" and fixed_shapes
         self.train_model = torch.compile(model, dynamic=False) if use_compile else model
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         if args.run != "dummy" and self.rank == 0:

@@ -9,6 +9,7 @@ A base model has never seen a conversation, so with `-i base` each line is simpl
 """
 
 import argparse
+import importlib
 import random
 import sys
 
@@ -77,7 +78,7 @@ def answer(conversation, text, args, out=sys.stdout):
 
 def repl(conversation, args):
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        importlib.import_module("readline")  # line editing and history for input()
     except ImportError:
         pass
     label = "Text" if conversation.complete_only else "User"

@@ -117,7 +117,8 @@ def main():
            f"training {num_iterations:,} steps, {grad_accum} micro-batches per rank per step")
     engine = Engine(model, tokenizer)
     step_stats = {"tokens": 0, "reward": 0.0}
-    trainer = Trainer(args, "rl", model, device, num_iterations, grad_accum, lambda: step_stats["tokens"], model_tag)
+    trainer = Trainer(args, "rl", model, device, num_iterations, grad_accum, lambda: step_stats["tokens"], model_tag,
+                      fixed_shapes=False)
     trainer.resume()  # the problems and sampling seeds of a step follow from the step number alone
 
     queue = deque()

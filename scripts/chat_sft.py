@@ -74,7 +74,8 @@ def main():
     print0(f"mixture: {len(train):,} conversations, {epoch_steps:,} steps per epoch; training {num_iterations:,} steps, "
            f"grad accumulation {grad_accum}")
 
-    trainer = Trainer(args, "sft", model, device, num_iterations, grad_accum, args.examples_per_step * T, model_tag)
+    trainer = Trainer(args, "sft", model, device, num_iterations, grad_accum, args.examples_per_step * T, model_tag,
+                      fixed_shapes=False)
     mine = range(rank, len(train), world_size)  # this rank's conversations, in mixture order
     cursor = trainer.resume() or 0
     pad_id = tokenizer.get_bos_token_id()
