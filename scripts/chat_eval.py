@@ -96,12 +96,13 @@ def run_generative(engine, task, indices, args):
     return solved
 
 
-def task_accuracy(task, model, engine, args, device, max_problems=None, rank=0, world_size=1):
-    """Accuracy on the first max_problems of `task`, each rank taking every world_size-th problem."""
+def task_accuracy(task, engine, device, batch_size, args=None, max_problems=None, rank=0, world_size=1):
+    """Accuracy on the first max_problems of `task`, each rank taking every world_size-th problem.
+    Categorical tasks run in batches of batch_size; generative ones sample as `args` says."""
     total = len(task) if max_problems is None else min(len(task), max_problems)
     indices = list(range(rank, total, world_size))
     if task.eval_type == "categorical":
-        correct = run_categorical(model, engine.tokenizer, task, indices, args.batch_size, device)
+        correct = run_categorical(engine.model, engine.tokenizer, task, indices, batch_size, device)
     else:
         correct = run_generative(engine, task, indices, args)
     count = torch.tensor(correct, dtype=torch.float64, device=device)
@@ -133,7 +134,8 @@ def main():
         except DownloadError as e:
             raise SystemExit(f"chat_eval: cannot fetch {name}: {e}")
         with autocast:
-            accuracies[name], correct, total = task_accuracy(task, model, engine, args, device, args.max_problems, rank, world_size)
+            accuracies[name], correct, total = task_accuracy(task, engine, device, args.batch_size, args, args.max_problems,
+                                                             rank, world_size)
         print0(f"{name}: {correct}/{total} = {100 * accuracies[name]:.2f}%")
 
     report = [{"source": args.source, "step": meta["step"], "max_problems": args.max_problems}, accuracies]

@@ -100,12 +100,12 @@ def main():
             dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
         metrics = {"val/loss": val_loss.item()}
         for name, task in (("mmlu_acc", mmlu), ("arc_easy_acc", arc)):
-            metrics[name] = task_accuracy(task, model, engine, args, device, args.eval_max_problems, rank, world_size)[0]
+            metrics[name] = task_accuracy(task, engine, device, B, max_problems=args.eval_max_problems, rank=rank,
+                                          world_size=world_size)[0]
         trainer.loop.update(metrics)
         print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    args.batch_size = B  # categorical evaluation batches (task_accuracy reads it)
     trainer.fit(next_batch, lambda m, batch: m(*batch), evaluate, lambda: cursor)
     trainer.finish("Chat SFT", {"conversations": len(train), **{k: trainer.loop[k] for k in ("val/loss", "mmlu_acc", "arc_easy_acc")}})
     compute_cleanup()
