@@ -52,7 +52,8 @@ def save_checkpoint(folder, step, model, optimizers, meta, rank=0, keep=2):
     _barrier()  # every shard is on disk before the meta marks the step complete
     if rank == 0:
         _save_atomic(meta, os.path.join(folder, f"meta_{step:06d}.json"))
-        for old in saved_steps(folder)[:-keep] if keep > 0 else []:
+        older = [s for s in saved_steps(folder) if s < step]  # never a later step (a stale run's)
+        for old in older[: len(older) - (keep - 1)] if keep > 0 else []:
             for path in glob.glob(os.path.join(folder, f"*_{old:06d}*")):
                 os.remove(path)
     _barrier()

@@ -42,13 +42,22 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 
 def eval_bundle_dir():
-    """$NANOCHAT_BASE_DIR/eval_bundle, downloaded and unpacked (atomically) on first use."""
+    """$NANOCHAT_BASE_DIR/eval_bundle, downloaded and unpacked (atomically) on first use. Under
+    torchrun, rank 0 fetches it while the others wait (every rank must call this)."""
+    if dist.is_available() and dist.is_initialized():
+        folder = _fetch_bundle() if dist.get_rank() == 0 else None
+        dist.barrier()
+        return folder or os.path.join(get_base_dir(), "eval_bundle")
+    return _fetch_bundle()
+
+
+def _fetch_bundle():
     base = get_base_dir()
     folder = os.path.join(base, "eval_bundle")
     archive = os.path.join(base, "eval_bundle.zip")
     if not os.path.exists(os.path.join(folder, "core.yaml")):
         download(BUNDLE_URL, archive, validate=zipfile.is_zipfile)
-    if os.path.exists(os.path.join(folder, "core.yaml")):  # (perhaps unpacked by another rank meanwhile)
+    if os.path.exists(os.path.join(folder, "core.yaml")):  # (perhaps unpacked by another process meanwhile)
         return folder
     if os.path.isdir(folder):  # no core.yaml: an unpacking that was cut short
         shutil.rmtree(folder)
@@ -58,7 +67,7 @@ def eval_bundle_dir():
     inner = os.path.join(staging, "eval_bundle")  # the zip holds one top-level folder
     try:
         os.rename(inner if os.path.isdir(inner) else staging, folder)
-    except OSError:  # another process (rank) unpacked it first
+    except OSError:  # another process unpacked it first
         pass
     shutil.rmtree(staging, ignore_errors=True)
     return folder

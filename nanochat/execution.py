@@ -9,16 +9,18 @@ What it does:
   working directory, removed afterwards;
 - kernel limits on it: address space (`maximum_memory_bytes`: a big allocation raises MemoryError
   there), CPU seconds, size of any file it writes (its stdout and stderr go to files, so output is
-  capped at MAX_OUTPUT_BYTES each), number of processes;
+  capped at MAX_OUTPUT_BYTES each);
 - a wall-clock timeout, after which the whole process group is killed (and it is killed once the
   code finishes too, so nothing it started lives on);
 - run as root, it drops to the `nobody` user first: it then cannot write, delete or signal
-  anything of the caller's, and the process limit makes fork bombs fail in the kernel;
-- inside, before the code runs, the functions that destroy files, start or signal processes, or
-  change the environment are replaced with ones that raise (a guard against accidents, not a
-  wall: determined code can get them back, e.g. through ctypes).
+  anything of the caller's, and a process limit of 1 makes fork bombs fail in the kernel;
+- inside, before the code runs, the os/shutil/subprocess functions that destroy files, start or
+  signal processes, or change the environment are replaced with ones that raise. That is a guard
+  against accidents, not a wall: code can reach the originals (e.g. `import posix`), so without
+  root (no `nobody`, no process limit) a deliberate fork bomb or file deletion is not stopped.
 
-What it does not do: isolate the network or the file system from reading (the code can read
+It starts the child with preexec_fn, so call it from a single-threaded process. What it does not
+do: isolate the network or the file system from reading (the code can read
 whatever the user it runs as can read, and as a non-root caller it runs as you and can write what
 you can), or stop a process that escaped the guards from writing into world-writable places such
 as /tmp. For code you do not trust at all, run this inside a container or VM as well.

@@ -220,7 +220,10 @@ class GPT(nn.Module):
         logits = torch.tanh(logits * (1 / self.SOFTCAP)) * self.SOFTCAP
         if targets is None:
             return logits
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+        if loss_reduction == "mean":  # a batch with no targets has loss 0, not NaN
+            return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / (targets >= 0).sum().clamp(min=1)
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction=loss_reduction)
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

@@ -170,6 +170,9 @@ class Trainer:
     def resume(self):
         """Load the --resume checkpoint (if asked); returns this rank's data state, or None."""
         if not self.args.resume:
+            if saved_steps(self.folder) and not self.args.dry_run:
+                raise SystemExit(f"error: {self.folder} holds checkpoints of an earlier run; continue it with "
+                                 "--resume=auto, or pick another --model_tag, or delete the folder")
             return None
         steps = saved_steps(self.folder)
         if not steps and self.args.resume == "auto":
@@ -184,6 +187,8 @@ class Trainer:
             raise SystemExit(f"error: {e}")
         if meta["world_size"] != self.world_size or meta["model_config"] != vars(self.model.config):
             raise SystemExit(f"error: checkpoint {self.folder} step {step} was made with another model or number of ranks")
+        if meta["step"] > self.num_iterations:
+            raise SystemExit(f"error: checkpoint step {meta['step']} is past this run's {self.num_iterations} steps")
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optim_states):
             opt.load_state_dict(state)
@@ -211,9 +216,9 @@ class Trainer:
         stop, peak, start_step = StopRequest(), peak_flops(self.device), self.step
         flops_per_token = self.model.estimate_flops()
         while True:
-            last = self.step == self.num_iterations
+            last = self.step >= self.num_iterations
             self.model.eval()
-            with self.autocast:
+            with self.autocast, torch.no_grad():
                 metrics = evaluate(self.step, last) or {}
             self.model.train()
             if metrics:
@@ -231,10 +236,12 @@ class Trainer:
                 return self.loop
 
             t0 = time.time()
+            step_loss = 0.0
             for _ in range(self.grad_accum):
                 with self.autocast:
-                    loss = loss_fn(self.train_model, next_batch())
-                (loss / self.grad_accum).backward()
+                    loss = loss_fn(self.train_model, next_batch()) / self.grad_accum
+                loss.backward()
+                step_loss = step_loss + loss.detach()
             lrm = lr_multiplier(self.step, self.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
             for opt in self.optimizers:
                 for group in opt.param_groups:
@@ -243,7 +250,7 @@ class Trainer:
                 group["momentum"] = muon_momentum(self.step)
             grad_norm = step_optimizers(self.optimizers, args.grad_clip)
             self.model.zero_grad(set_to_none=True)
-            train_loss = loss.item()  # synchronizes with the device, so the step time below is real
+            train_loss = float(step_loss)  # the step's mean loss; synchronizes, so the step time below is real
             dt = time.time() - t0
             self.step += 1
             self._log(train_loss, lrm, grad_norm, dt, flops_per_token, peak, log_extra())

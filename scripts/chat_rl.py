@@ -129,11 +129,17 @@ def main():
             indices = [(first + j) % len(train) for j in range(rank, args.examples_per_step, world_size)]
             batches, rewards = rollout_batches(engine, train, indices, args, seed=1_000_003 * trainer.step)
             batches += [empty_batch(tokenizer.get_bos_token_id())] * (grad_accum - len(batches))
-            num_tokens = max(1, sum(int((y >= 0).sum()) for _, y, _ in batches))
-            step_stats.update(tokens=num_tokens, reward=sum(rewards) / max(1, len(rewards)))
-            # The trainer averages the grad_accum micro-batch losses; this divisor makes the step's
-            # gradient the sum over all its sampled tokens divided by their number.
-            queue.extend((x.to(device), y.to(device), a.to(device), num_tokens / grad_accum) for x, y, a in batches)
+            counts = torch.tensor([sum(int((y >= 0).sum()) for _, y, _ in batches), sum(rewards), len(rewards)],
+                                  dtype=torch.float64, device=device)
+            if world_size > 1:
+                dist.all_reduce(counts)  # every rank is here at the start of the step
+            num_tokens = max(1, int(counts[0]))
+            step_stats.update(tokens=num_tokens, reward=(counts[1] / counts[2].clamp(min=1)).item())
+            # The trainer divides each micro-batch loss by grad_accum and the optimizer averages
+            # ranks; this divisor makes the step's gradient the sum over every sampled token of every
+            # rank divided by their number.
+            divisor = num_tokens / (grad_accum * world_size)
+            queue.extend((x.to(device), y.to(device), a.to(device), divisor) for x, y, a in batches)
         return queue.popleft()
 
     def evaluate(step, last):

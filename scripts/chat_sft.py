@@ -95,10 +95,10 @@ def main():
             return {}
         losses = [model(*sft_batch([val[i] for i in range(r, min(r + B, len(val)))], tokenizer, T, pad_id, device))
                   for r in range(rank * B, len(val), B * world_size)]
-        val_loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+        total = torch.tensor([sum(loss.item() for loss in losses), len(losses)], dtype=torch.float64, device=device)
         if is_ddp:
-            dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
-        metrics = {"val/loss": val_loss.item()}
+            dist.all_reduce(total)  # ranks may hold different numbers of val batches
+        metrics = {"val/loss": (total[0] / total[1].clamp(min=1)).item()}
         for name, task in (("mmlu_acc", mmlu), ("arc_easy_acc", arc)):
             metrics[name] = task_accuracy(task, engine, device, B, max_problems=args.eval_max_problems, rank=rank,
                                           world_size=world_size)[0]
@@ -107,7 +107,7 @@ def main():
         return metrics
 
     trainer.fit(next_batch, lambda m, batch: m(*batch), evaluate, lambda: cursor)
-    trainer.finish("Chat SFT", {"conversations": len(train), **{k: trainer.loop[k] for k in ("val/loss", "mmlu_acc", "arc_easy_acc")}})
+    trainer.finish("Chat SFT", {"conversations": len(train), **{k: trainer.loop.get(k) for k in ("val/loss", "mmlu_acc", "arc_easy_acc")}})
     compute_cleanup()
 
 

@@ -153,6 +153,8 @@ def create_app(engines, args, label):
     @app.middleware("http")
     async def limit_body(request, call_next):
         length = request.headers.get("content-length")
+        if request.method == "POST" and length is None:  # (a chunked body could be any size)
+            return JSONResponse({"detail": "send the body with a Content-Length header"}, status_code=411)
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
         return await call_next(request)

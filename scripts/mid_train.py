@@ -90,9 +90,12 @@ def main():
 
     def val_batches():
         while True:  # as many passes over the val mixture as the evaluation needs
-            val_packer = ConversationPacker(val, tokenizer, T, rank, world_size)
+            val_packer, made = ConversationPacker(val, tokenizer, T, rank, world_size), 0
             while (batch := packed_batch(val_packer, B, pad_id, device)) is not None:
+                made += 1
                 yield batch
+            if not made:
+                raise SystemExit(f"error: the val mixture has too few conversations for one batch of {B} rows per rank")
 
     eval_steps = max(1, (args.eval_tokens if args.eval_tokens > 0 else 20 * args.total_batch_size) // (B * T * world_size))
 
@@ -106,7 +109,7 @@ def main():
         return {"val/bpb": bpb}
 
     loop = trainer.fit(next_batch, lambda m, batch: m(*batch), evaluate, lambda: packer.state())
-    trainer.finish("Midtraining", {"conversations": len(train), "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": loop["val_bpb"]})
+    trainer.finish("Midtraining", {"conversations": len(train), "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": loop.get("val_bpb")})
     compute_cleanup()
 
 

@@ -113,6 +113,23 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(pretrain_env):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint step 1")
 
 
+def test_a_fresh_run_never_overwrites_or_prunes_another_runs_checkpoints(pretrain_env):
+    flags = [*TINY, "--eval_every=0", "--model_tag=stale"]
+    assert run_module("scripts.base_train", *flags, "--num_iterations=3", "--save_every=1", "--keep_checkpoints=2").returncode == 0
+    folder = checkpoint_dir("base", "stale")
+    assert saved_steps(folder) == [2, 3]
+    again = run_module("scripts.base_train", *flags, "--num_iterations=1")
+    assert again.returncode == 1 and "holds checkpoints of an earlier run" in again.stderr
+    assert "Traceback" not in again.stderr and saved_steps(folder) == [2, 3]
+    shorter = run_module("scripts.base_train", *flags, "--num_iterations=2", "--resume=auto")
+    assert shorter.returncode == 1 and "past this run's 2 steps" in shorter.stderr
+    # Pruning only ever removes steps older than the one just saved.
+    from nanochat.checkpoint_manager import save_checkpoint
+    model, _, meta = load_model("base", "cpu", model_tag="stale", step=3)
+    save_checkpoint(folder, 1, model, [], {**meta, "step": 1}, keep=2)
+    assert saved_steps(folder) == [1, 2, 3]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -98,6 +98,16 @@ def test_invalid_requests_get_a_4xx_with_a_reason(chat_server, case):
     assert requests.get(chat_server + "/health", timeout=10).ok
 
 
+def test_a_body_without_content_length_is_refused(chat_server):
+    def chunks():  # requests sends a generator with chunked transfer encoding, no Content-Length
+        yield b'{"messages": [{"role": "user", "content": "'
+        yield b"y" * 100_000
+        yield b'"}]}'
+
+    r = requests.post(chat_server + "/chat/completions", data=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 411 and "Content-Length" in r.json()["detail"]
+
+
 def test_sixteen_clients_share_two_workers(chat_server):
     before = requests.get(chat_server + "/stats", timeout=10).json()
     results, seen = [None] * 16, []

@@ -132,3 +132,14 @@ def test_chunked_training_loss_matches_the_plain_path():
         assert torch.allclose(g_f[name], g_p[name], atol=1e-6, rtol=1e-4), name
     assert torch.all(g_f["lm_head.weight"][1000:] == 0)
     assert abs(plain.item() - math.log(1000)) < 0.05
+
+
+def test_a_batch_without_targets_has_zero_loss_not_nan():
+    model = make(2, vocab=100)
+    x = torch.randint(0, 100, (2, 8))
+    y = torch.full((2, 8), -1)
+    with torch.no_grad():
+        assert model(x, y).item() == 0.0  # the plain path (what GPUs use)
+    loss = model(x, y)  # the chunked training path on CPU
+    loss.backward()
+    assert loss.item() == 0.0 and all(p.grad is None or not p.grad.isnan().any() for p in model.parameters())
