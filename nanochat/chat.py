@@ -36,6 +36,18 @@ def reply_budget(engine, prompt, max_tokens):
     return min(max_tokens, engine.model.config.sequence_len - len(prompt))
 
 
+def sample_replies(engine, conversation, num_samples, max_tokens, temperature, top_k, seed):
+    """(sequences, masks, texts) of num_samples replies sampled to a conversation (sequences start
+    with the prompt; texts are the decoded replies); all empty if the prompt fills the context."""
+    prompt = engine.tokenizer.render_for_completion(conversation)
+    budget = reply_budget(engine, prompt, max_tokens)
+    if budget < 1:
+        return [], [], []
+    sequences, masks = engine.generate_batch(prompt, num_samples, max_tokens=budget, temperature=temperature,
+                                             top_k=top_k, seed=seed)
+    return sequences, masks, [engine.tokenizer.decode(s[len(prompt):]) for s in sequences]
+
+
 def stream_reply(engine, prompt, max_tokens, temperature, top_k, seed):
     """Token ids of one reply as they are sampled, without the closing <|assistant_end|>."""
     for tokens, _ in engine.generate(prompt, 1, max_tokens, temperature, top_k, seed):

@@ -81,15 +81,20 @@ def packed_batch(packer, B, pad_id, device):
     return x.to(device), y.to(device)
 
 
-def sft_batch(conversations, tokenizer, T, pad_id, device):
-    """(inputs, targets): one conversation per row, cropped to T+1 tokens, padded; targets only
-    where the render mask is 1."""
-    rendered = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in conversations]
-    width = max(len(ids) for ids, _ in rendered) - 1
-    x = torch.full((len(rendered), width), pad_id, dtype=torch.long)
-    y = torch.full((len(rendered), width), -1, dtype=torch.long)
-    for r, (ids, mask) in enumerate(rendered):
+def masked_rows(rows, pad_id, device="cpu"):
+    """(inputs, targets) from rows of (token ids, mask), padded to the longest: a position's target
+    is the next token where that token's mask is 1, else -1."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
         ids, mask = torch.tensor(ids), torch.tensor(mask)
         x[r, : len(ids) - 1] = ids[:-1]
         y[r, : len(ids) - 1] = torch.where(mask[1:] == 1, ids[1:], -1)
     return x.to(device), y.to(device)
+
+
+def sft_batch(conversations, tokenizer, T, pad_id, device):
+    """(inputs, targets): one conversation per row, cropped to T+1 tokens, padded; targets only
+    where the render mask is 1."""
+    return masked_rows([tokenizer.render_conversation(c, max_tokens=T + 1) for c in conversations], pad_id, device)

@@ -32,6 +32,7 @@ STAGES = [
 SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
                  "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
                  "Chat RL", "Chat evaluation rl"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for git and the code size
 GPU_PRICE_PER_HOUR = {"H200": 3.5, "H100": 3.0, "A100": 1.8, "L40S": 1.0, "A10": 0.75, "L4": 0.7}  # on-demand, USD, rough
 
 
@@ -158,7 +159,7 @@ def get_report():
 def _git(*args):
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+                              cwd=REPO).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -178,7 +179,7 @@ def header():
     lines = chars = 0
     for f in files:
         try:
-            with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f), encoding="utf-8") as fh:
+            with open(os.path.join(REPO, f), encoding="utf-8") as fh:
                 text = fh.read()
         except (OSError, UnicodeDecodeError):
             continue

@@ -77,8 +77,8 @@ def main():
            f"grad accumulation: {grad_accum} | total FLOPs: {flops_per_token * args.total_batch_size * num_iterations:.3e}")
     trainer = Trainer(args, "base", model, device, num_iterations, grad_accum, args.total_batch_size, f"d{args.depth}")
     loader_state = trainer.resume()
-    if trainer.step == 0:
-        trainer.loop.update(val_bpb=None, min_val_bpb=None)
+    trainer.loop.setdefault("val_bpb", None)
+    trainer.loop.setdefault("min_val_bpb", None)
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * args.total_batch_size
     try:
         train_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device, resume_state=loader_state)

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.chat import reply_budget
+from nanochat.chat import sample_replies
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
 from nanochat.download import DownloadError
@@ -86,13 +86,9 @@ def run_generative(engine, task, indices, args):
     solved = 0
     for i in indices:
         conversation = task[i]
-        prompt = engine.tokenizer.render_for_completion(conversation)
-        budget = reply_budget(engine, prompt, args.max_new_tokens)
-        if budget < 1:
-            continue  # the question alone fills the model's context: unsolved
-        samples, _ = engine.generate_batch(prompt, args.num_samples, max_tokens=budget, temperature=args.temperature,
-                                           top_k=args.top_k, seed=i)
-        solved += any(task.evaluate(conversation, engine.tokenizer.decode(s[len(prompt):])) for s in samples)
+        _, _, replies = sample_replies(engine, conversation, args.num_samples, args.max_new_tokens, args.temperature,
+                                       args.top_k, seed=i)
+        solved += any(task.evaluate(conversation, reply) for reply in replies)  # none: the question fills the context
     return solved
 
 

@@ -16,7 +16,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from nanochat.chat import reply_budget
+from nanochat.chat import sample_replies
+from nanochat.chat_batches import masked_rows
 from nanochat.checkpoint_manager import find_model_tag, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
 from nanochat.download import DownloadError
@@ -38,30 +39,21 @@ parser.add_argument("--eval_k", type=int, default=4, help="samples per problem f
 def rollout_batches(engine, task, indices, args, seed):
     """Sample answers to task[i] for i in indices; returns (micro-batches of (inputs, targets,
     advantages), rewards). Targets are -1 where nothing was sampled: prompt, tool output, padding."""
-    tokenizer, pad_id = engine.tokenizer, engine.tokenizer.get_bos_token_id()
     rows, rewards = [], []
     for i in indices:
         conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        budget = reply_budget(engine, prompt, args.max_new_tokens)
-        if budget < 1:
+        sequences, masks, replies = sample_replies(engine, conversation, args.num_samples, args.max_new_tokens,
+                                                   args.temperature, args.top_k, seed=seed + i)
+        if not replies:  # the prompt fills the context
             continue
-        sequences, masks = engine.generate_batch(prompt, args.num_samples, max_tokens=budget, temperature=args.temperature,
-                                                 top_k=args.top_k, seed=seed + i)
-        scores = [task.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
+        scores = [task.reward(conversation, reply) for reply in replies]
         mean = sum(scores) / len(scores)
         rows += [(s, m, r - mean) for s, m, r in zip(sequences, masks, scores)]
         rewards += scores
     batches = []
     for b in range(0, len(rows), args.device_batch_size):
         chunk = rows[b : b + args.device_batch_size]
-        width = max(len(s) for s, _, _ in chunk) - 1
-        x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        y = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for r, (s, m, _) in enumerate(chunk):
-            s, m = torch.tensor(s), torch.tensor(m)
-            x[r, : len(s) - 1] = s[:-1]
-            y[r, : len(s) - 1] = torch.where(m[1:] == 1, s[1:], -1)
+        x, y = masked_rows([(s, m) for s, m, _ in chunk], engine.tokenizer.get_bos_token_id())
         batches.append((x, y, torch.tensor([a for _, _, a in chunk], dtype=torch.float32)))
     return batches, rewards
 
@@ -80,17 +72,12 @@ def policy_gradient_loss(model, x, y, advantages, num_tokens):
 @torch.no_grad()
 def pass_at_k(engine, task, args, device, rank, world_size):
     """(pass@1, pass@k) on the first --eval_examples problems, k = --eval_k samples each."""
-    tokenizer = engine.tokenizer
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # sum of per-problem pass@1, solved, problems
     for i in range(rank, min(args.eval_examples, len(task)), world_size):
         conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        budget = reply_budget(engine, prompt, args.max_new_tokens)
-        correct = [0] * args.eval_k
-        if budget >= 1:
-            sequences, _ = engine.generate_batch(prompt, args.eval_k, max_tokens=budget, temperature=args.temperature,
-                                                 top_k=args.top_k, seed=i)
-            correct = [task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
+        _, _, replies = sample_replies(engine, conversation, args.eval_k, args.max_new_tokens, args.temperature,
+                                       args.top_k, seed=i)
+        correct = [task.evaluate(conversation, reply) for reply in replies] or [0]  # none: the prompt fills the context
         counts += torch.tensor([sum(correct) / len(correct), any(correct), 1], dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(counts)

@@ -5,7 +5,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_module
+from conftest import REPO, free_port, run_module
 from nanochat.checkpoint_manager import checkpoint_dir, load_model, saved_steps
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
@@ -128,12 +127,6 @@ def test_a_fresh_run_never_overwrites_or_prunes_another_runs_checkpoints(pretrai
     model, _, meta = load_model("base", "cpu", model_tag="stale", step=3)
     save_checkpoint(folder, 1, model, [], {**meta, "step": 1}, keep=2)
     assert saved_steps(folder) == [1, 2, 3]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_train_together(pretrain_env):
