@@ -7,12 +7,18 @@ import tempfile
 import pytest
 
 from nanochat.execution import MAX_OUTPUT_BYTES, execute_code
+from tasks.humaneval import HumanEval
 
 AS_ROOT = os.getuid() == 0
 
 
 def leftover_workdirs():
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "nanochat-exec-*")))
+
+
+@pytest.fixture
+def data_mirror(shared_mirror, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_MIRROR", shared_mirror)
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +37,29 @@ def test_correct_code_passes_and_wrong_code_fails():
     assert not r.success and r.error == "AssertionError" and not r.timeout
     r = execute_code("def add(a, b)\n    return a + b\n")
     assert not r.success and "SyntaxError" in r.error
+
+
+EARLY_EXITS = ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit", "raise SystemExit(0)", "exit()",
+               "quit()"]
+
+
+@pytest.mark.parametrize("leave", EARLY_EXITS)
+def test_leaving_before_the_end_is_not_a_pass(leave):
+    r = execute_code(f"print('before')\n{leave}\nprint('after')\n")
+    assert not r.success and r.error == "exited before the end of the program"
+    assert "after" not in r.stdout  # it stopped where it said (os._exit even drops the buffered "before")
+
+
+@pytest.mark.parametrize("leave", EARLY_EXITS)
+def test_a_humaneval_completion_that_exits_early_scores_zero(data_mirror, leave):
+    task = HumanEval()
+    conversation = task[0]
+    solution = conversation["messages"][-1]["content"]
+    assert task.evaluate(conversation, solution) == 1  # the reference solution passes
+    broken = "def " + conversation["entry_point"] + "(*args):\n    return None\n"
+    assert task.evaluate(conversation, broken) == 0
+    # The same wrong solution, leaving before the tests run, scores 0.
+    assert task.evaluate(conversation, broken + leave + "\n") == 0
 
 
 def test_infinite_loop_times_out():
