@@ -84,13 +84,13 @@ def load_checkpoint(folder, step, device, rank=0, with_optimizer=True):
 
 
 def build_model(model_state, meta, device):
-    """A GPT with the saved weights, in eval mode, float32 on CPU/MPS."""
+    """A GPT with the saved weights (float32 masters; the model computes in its device's dtype), in eval mode."""
     config = GPTConfig(**meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()  # the non-persistent rotary tables
-    model.load_state_dict({k: v.float() if device.type != "cuda" else v for k, v in model_state.items()}, strict=True, assign=True)
+    model.load_state_dict({k: v.float() for k, v in model_state.items()}, strict=True, assign=True)
     model.eval()
     return model
 

@@ -54,6 +54,26 @@ def autodetect_device_type():
     return "cpu"
 
 
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def compute_dtype(device):
+    """The one compute-dtype policy: the dtype of activations, the KV cache and every matmul on
+    `device` (weights stay float32 masters; the model casts them). $NANOCHAT_DTYPE decides if set,
+    else bfloat16 on CUDA GPUs that support it, float32 elsewhere (CPU and MPS)."""
+    import torch
+
+    device = torch.device(device)
+    name = os.environ.get("NANOCHAT_DTYPE")
+    if name:
+        if name not in DTYPES:
+            raise SystemExit(f"error: NANOCHAT_DTYPE={name!r}; expected one of {', '.join(DTYPES)}")
+        return getattr(torch, name)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def get_dist_info():
     """(is_ddp, rank, local_rank, world_size) from the environment torchrun sets."""
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
@@ -96,7 +116,7 @@ def compute_init(device_type=None, seed=42):
         device = torch.device(device_type)
     if is_ddp:
         dist.barrier()
-    logger.info("device %s, world size %d", device, world_size)
+    logger.info("device %s, compute dtype %s, world size %d", device, str(compute_dtype(device)).removeprefix("torch."), world_size)
     return is_ddp, rank, local_rank, world_size, device
 
 

@@ -141,8 +141,7 @@ class Engine:
     def _cache(self, rows, length):
         c = self.model.config
         device = next(self.model.parameters()).device
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return KVCache(rows, c.n_kv_head, length, c.n_embd // c.n_head, c.n_layer, device, dtype)
+        return KVCache(rows, c.n_kv_head, length, c.n_embd // c.n_head, c.n_layer, device, self.model.compute_dtype)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):

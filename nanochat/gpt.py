@@ -3,6 +3,11 @@ The GPT. Compared with GPT-2: rotary position embeddings instead of learned ones
 parameter-free RMSNorm, ReLU² MLP, no biases, untied embedding and unembedding, grouped-query
 attention (n_kv_head <= n_head), logits soft-capped with tanh, output projections initialised
 to zero so every block starts as the identity.
+
+Weights are float32 (the optimizers' masters); activations, and so every matmul and the KV cache,
+are in the compute dtype of `nanochat.common.compute_dtype` (bfloat16 on GPUs), which the model
+applies itself: the embedding is cast to it, and each Linear casts its weight to its input's
+dtype. Logits and losses are float32. No script needs an autocast context.
 """
 
 import math
@@ -11,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.common import compute_dtype
 
 
 @dataclass
@@ -28,6 +35,16 @@ def config_for_depth(depth, vocab_size, sequence_len):
     n_embd = 64 * depth
     n_head = max(1, math.ceil(n_embd / 128))
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer that computes in its input's dtype from a float32 weight."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def norm(x):
@@ -49,10 +66,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
@@ -75,8 +92,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -98,8 +115,8 @@ class _ChunkedSoftcapCrossEntropy(torch.autograd.Function):
     Mean cross-entropy of soft-capped logits h @ W.T, computed in chunks of rows, with the
     gradients worked out in the same pass. The (tokens x vocab) logits never exist whole: each
     chunk's stay in cache, which saves the ~10 passes over them that the plain path makes.
-    A CPU training optimisation; the plain path in GPT.forward is the reference it is tested
-    against (and what GPUs use, where torch.compile fuses the same work).
+    A float32 CPU training optimisation; the plain path in GPT.forward is the reference it is tested
+    against (and what GPUs and low-precision runs use; torch.compile fuses the same work there).
     """
 
     @staticmethod
@@ -149,7 +166,7 @@ class GPT(nn.Module):
             "wte": nn.Embedding(self.padded_vocab, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
-        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
+        self.lm_head = Linear(config.n_embd, self.padded_vocab)
         # Rotary tables for 10x the training length, so generation can run past it.
         self.rotary_len = config.sequence_len * 10
         cos, sin = self._rotary_tables(self.rotary_len)
@@ -165,7 +182,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Fill every parameter (the model may have been built on the meta device)."""
+        """Fill every parameter (the model may have been built on the meta device) and settle, now
+        that the device is known, the rotary tables and the compute dtype."""
         nn.init.normal_(self.transformer.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.transformer.h:
@@ -175,6 +193,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         self.cos, self.sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
+        self.compute_dtype = compute_dtype(self.lm_head.weight.device)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -208,12 +227,14 @@ class GPT(nn.Module):
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         if pos + T > self.rotary_len:
             raise ValueError(f"sequence of {pos + T} tokens is longer than the rotary tables ({self.rotary_len})")
-        cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
-        x = norm(self.transformer.wte(idx))
+        dtype = self.compute_dtype
+        cos, sin = self.cos[:, pos : pos + T].to(dtype), self.sin[:, pos : pos + T].to(dtype)
+        x = norm(self.transformer.wte(idx).to(dtype))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
-        if targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu":
+        if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
+                and dtype == torch.float32):
             return _ChunkedSoftcapCrossEntropy.apply(
                 x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size, self.SOFTCAP)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()

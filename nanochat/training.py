@@ -9,8 +9,6 @@ import base64
 import signal
 import sys
 import time
-from contextlib import nullcontext
-
 import torch
 import torch.distributed as dist
 
@@ -147,6 +145,9 @@ class Trainer:
         """tokens_per_step: a number, or a function giving the last step's (for throughput).
         fixed_shapes: every batch has the same shape, so --compile defaults to on for CUDA (a stage
         whose batch widths vary would recompile for each new width)."""
+        if model.compute_dtype == torch.float16:  # its gradients underflow without loss scaling
+            raise SystemExit("error: NANOCHAT_DTYPE=float16 can evaluate and chat but not train (float16 training "
+                             "needs loss scaling, which nanochat leaves out); use bfloat16 or float32")
         self.args, self.phase, self.model, self.device = args, phase, model, device
         self.num_iterations, self.grad_accum, self.tokens_per_step = num_iterations, grad_accum, tokens_per_step
         _, self.rank, _, self.world_size = get_dist_info()
@@ -159,7 +160,6 @@ class Trainer:
         self.step, self.loop = 0, {"smooth_loss": 0.0, "training_time": 0.0}
         use_compile = bool(args.compile) if args.compile is not None else device.type == "cuda" and fixed_shapes
         self.train_model = torch.compile(model, dynamic=False) if use_compile else model
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         if args.run != "dummy" and self.rank == 0:
             import wandb
 
@@ -218,7 +218,7 @@ class Trainer:
         while True:
             last = self.step >= self.num_iterations
             self.model.eval()
-            with self.autocast, torch.no_grad():
+            with torch.no_grad():
                 metrics = evaluate(self.step, last) or {}
             self.model.train()
             if metrics:
@@ -238,8 +238,7 @@ class Trainer:
             t0 = time.time()
             step_loss = 0.0
             for _ in range(self.grad_accum):
-                with self.autocast:
-                    loss = loss_fn(self.train_model, next_batch()) / self.grad_accum
+                loss = loss_fn(self.train_model, next_batch()) / self.grad_accum
                 loss.backward()
                 step_loss = step_loss + loss.detach()
             lrm = lr_multiplier(self.step, self.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)

@@ -8,9 +8,7 @@ CORE metric of a model (see nanochat/core_eval.py): a table per task, a CSV and 
 import argparse
 import csv
 import os
-from contextlib import nullcontext
 
-import torch
 
 from nanochat.checkpoint_manager import find_model_tag, load_model
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, setup_default_logging
@@ -47,10 +45,8 @@ def main():
         model, tokenizer, meta = load_model(args.source, device, model_tag=model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"base_eval: {e}")
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     try:
-        with autocast:
-            results = evaluate_core(model, tokenizer, device, args.max_per_task, rank, world_size)
+        results = evaluate_core(model, tokenizer, device, args.max_per_task, rank, world_size)
     except DownloadError as e:
         raise SystemExit(f"base_eval: cannot fetch the eval bundle: {e}")
 

@@ -6,9 +6,7 @@ Bits per byte of a base model on the train and val splits, plus a few greedy sam
 """
 
 import argparse
-from contextlib import nullcontext
 
-import torch
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
@@ -37,7 +35,6 @@ def main():
         token_bytes = get_token_bytes(device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     B, T = args.device_batch_size, model.config.sequence_len
     trained = meta["user_config"]
     split_tokens = args.split_tokens if args.split_tokens > 0 else trained["eval_tokens"] if trained["eval_tokens"] > 0 else 20 * trained["total_batch_size"]
@@ -48,16 +45,14 @@ def main():
             loader = tokenizing_distributed_data_loader(tokenizer, B, T, split, device, **EVAL_LOADER_KWARGS)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}")
-        with autocast:
-            results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
+        results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {results[split + '_bpb']:.6f}")
     samples = []
     if rank == 0:
-        with autocast:
-            for prompt in PROMPTS:
-                ids = tokenizer.encode(prompt, prepend="<|bos|>")
-                samples.append(prompt + tokenizer.decode(list(model.generate(ids, 16, temperature=0))))
-                print0("sample: " + samples[-1])
+        for prompt in PROMPTS:
+            ids = tokenizer.encode(prompt, prepend="<|bos|>")
+            samples.append(prompt + tokenizer.decode(list(model.generate(ids, 16, temperature=0))))
+            print0("sample: " + samples[-1])
     get_report().log(section="Base model loss", data=[{"step": meta["step"], **results, "split_tokens": split_tokens}, *samples])
     compute_cleanup()
 

@@ -14,7 +14,6 @@ as solved if any sample is correct.
 """
 
 import argparse
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -121,7 +120,6 @@ def main():
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"chat_eval: {e}")
     engine = Engine(model, tokenizer)
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     accuracies = {}
     for name in names:
@@ -129,9 +127,8 @@ def main():
             task = TASKS[name][0]()
         except DownloadError as e:
             raise SystemExit(f"chat_eval: cannot fetch {name}: {e}")
-        with autocast:
-            accuracies[name], correct, total = task_accuracy(task, engine, device, args.batch_size, args, args.max_problems,
-                                                             rank, world_size)
+        accuracies[name], correct, total = task_accuracy(task, engine, device, args.batch_size, args, args.max_problems,
+                                                         rank, world_size)
         print0(f"{name}: {correct}/{total} = {100 * accuracies[name]:.2f}%")
 
     report = [{"source": args.source, "step": meta["step"], "max_problems": args.max_problems}, accuracies]

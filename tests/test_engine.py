@@ -15,14 +15,23 @@ def tok():
     return RustBPETokenizer.train_from_iterator(iter([TEXT]), 300)
 
 
-@pytest.fixture(scope="module")
-def model(tok):
+@pytest.fixture(scope="module", params=[None, (4, 2)], ids=["1 head", "GQA 4/2"])
+def model(tok, request):
     torch.manual_seed(0)
+    vocab = tok.get_vocab_size()
     with torch.device("meta"):
-        m = GPT(config_for_depth(2, tok.get_vocab_size(), 64))
+        if request.param is None:  # the depth dial's shape: one 128-dim head
+            m = GPT(config_for_depth(2, vocab, 64))
+        else:
+            n_head, n_kv_head = request.param
+            m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128))
     m.to_empty(device="cpu")
     m.init_weights()
-    m.lm_head.weight.data.normal_(std=0.5)  # a random init that is not near-uniform
+    with torch.no_grad():
+        m.lm_head.weight.normal_(std=0.5)  # a random init that is not near-uniform
+        for block in m.transformer.h:  # and attention that matters
+            block.attn.c_proj.weight.normal_(std=0.05)
+            block.mlp.c_proj.weight.normal_(std=0.05)
     return m.eval()
 
 
@@ -49,7 +58,8 @@ def test_sampling_rows_differ_and_seeds_reproduce(model, tok):
 
 def test_kv_cache_grows_past_its_preallocation(model, tok):
     ids = tok.encode("The quick brown", prepend="<|bos|>")
-    cache = KVCache(1, 1, 2, 128, 2, "cpu")  # room for 2 positions only
+    c = model.config
+    cache = KVCache(1, c.n_kv_head, 2, c.n_embd // c.n_head, c.n_layer, "cpu")  # room for 2 positions only
     with torch.inference_mode():
         logits = model(torch.tensor([ids]), kv_cache=cache)
         full = model(torch.tensor([ids]))
@@ -64,6 +74,7 @@ class ScriptedModel(torch.nn.Module):
         self.script, self.calls = script, 0
         self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
         self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.compute_dtype = torch.float32
 
     def forward(self, ids, kv_cache=None):
         token = self.script[min(self.calls, len(self.script) - 1)]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.gpt import GPT, GPTConfig, apply_rotary, config_for_depth, norm
 from nanochat.optim import step_optimizers
 
 
@@ -71,9 +71,57 @@ class TinyKVCache:
         return self.k[layer], self.v[layer]
 
 
-def test_kv_cache_matches_full_forward():
-    model = make(2).eval()
-    x = torch.randint(0, 1000, (1, 20))
+# Heads of 128 dims (the depth dial's), and narrower heads: 4 query heads sharing 2 or 1 key/value heads.
+SHAPES = {"1 head": None, "4 heads": (4, 4), "GQA 4/2": (4, 2), "MQA 4/1": (4, 1)}
+
+
+def make_live(shape, vocab=1000, seq=64, seed=0):
+    """A 2-layer model whose output projections are not zero, so attention changes the output."""
+    if shape is None:
+        model = make(2, vocab, seq, seed)
+    else:
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=2, n_head=shape[0], n_kv_head=shape[1], n_embd=128))
+        model.init_weights()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(std=0.05)
+            block.mlp.c_proj.weight.normal_(std=0.05)
+    return model.eval()
+
+
+def naive_attention(attn, x, cos, sin):
+    """Causal self-attention written head by head: query head h reads key/value head
+    h // (n_head / n_kv_head); scores, softmax and the weighted sum spelled out."""
+    B, T, C = x.shape
+    hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
+    q = attn.c_q(x).view(B, T, attn.n_head, hd)
+    k = attn.c_k(x).view(B, T, attn.n_kv_head, hd)
+    v = attn.c_v(x).view(B, T, attn.n_kv_head, hd)
+    q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    heads = []
+    for h in range(attn.n_head):
+        qh, kh, vh = q[:, :, h], k[:, :, h // group], v[:, :, h // group]  # (B, T, hd)
+        scores = (qh @ kh.transpose(1, 2) / math.sqrt(hd)).masked_fill(~causal, float("-inf"))
+        heads.append(scores.softmax(-1) @ vh)
+    return attn.c_proj(torch.cat(heads, dim=-1))
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_attention_matches_a_head_by_head_reference(shape):
+    model = make_live(shape)
+    attn = model.transformer.h[0].attn
+    x = torch.randn(3, 10, 128)
+    cos, sin = model.cos[:, :10], model.sin[:, :10]
+    with torch.no_grad():
+        assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_kv_cache_matches_full_forward(shape):
+    model = make_live(shape)
+    x = torch.randint(0, 1000, (3, 20))  # three different rows
     full = model(x)
     cache = TinyKVCache(2)
     pieces = [model(x[:, :12], kv_cache=cache)]  # prefill, then a chunk, then one token at a time

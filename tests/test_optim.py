@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import REPO
@@ -39,21 +40,23 @@ def newton_schulz_reference(G, steps=5):
     return X.T if tall else X
 
 
-def test_muon_matches_reference_step():
+@pytest.mark.parametrize("rows, cols, aspect", [(6, 10, 1.0), (10, 6, (10 / 6) ** 0.5), (24, 6, 2.0)])
+def test_muon_matches_reference_step(rows, cols, aspect):
+    """Wide matrices take the orthogonalized step as is; tall ones scaled by sqrt(rows / cols)."""
     torch.manual_seed(0)
-    w = torch.randn(6, 10, requires_grad=True)
+    w = torch.randn(rows, cols, requires_grad=True)
     w0 = w.detach().numpy().copy()
     opt = Muon([w], lr=0.1, momentum=0.9, nesterov=True)
     buf = np.zeros_like(w0)
-    expected = w0.copy()
+    expected = w0.astype(np.float64)
     for _ in range(3):
-        grad = torch.randn(6, 10)
+        grad = torch.randn(rows, cols)
         w.grad = grad.clone()
         step_optimizers([opt])
         g = grad.numpy().astype(np.float64)
         buf = 0.9 * buf + 0.1 * g
         update = 0.1 * g + 0.9 * buf  # Nesterov: the gradient pulled towards the momentum
-        expected = expected - 0.1 * max(1, 6 / 10) ** 0.5 * newton_schulz_reference(update)
+        expected = expected - 0.1 * aspect * newton_schulz_reference(update)
     assert np.allclose(w.detach().numpy(), expected, atol=1e-4)
 
 
@@ -81,15 +84,21 @@ def test_step_optimizers_reports_global_norm():
 DDP_SCRIPT = textwrap.dedent("""
     import sys, torch
     from nanochat.common import compute_init, compute_cleanup
-    from nanochat.gpt import GPT, config_for_depth
+    from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import step_optimizers
 
     def train(rows, steps=4):
+        # 4 query heads on 2 key/value heads; 3 layers, so Muon's groups of 2 same-shape matrices
+        # (one per rank) leave an odd one over, padded on the rank without a matrix.
         torch.manual_seed(0)
         with torch.device("meta"):
-            model = GPT(config_for_depth(2, 256, 32))
+            model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=128))
         model.to_empty(device="cpu")
         model.init_weights()
+        with torch.no_grad():  # attention and MLP outputs that matter from the first step
+            for block in model.transformer.h:
+                block.attn.c_proj.weight.normal_(std=0.02)
+                block.mlp.c_proj.weight.normal_(std=0.02)
         optimizers = model.setup_optimizers()
         batch = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))[rows]
         losses = []
@@ -112,9 +121,11 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
+def single_and_ranks(tmp_path, code):
+    """Run `code` as `script single OUT` and under torchrun as `script ddp OUT` on 2 ranks (gloo);
+    returns what the single process saved and what each rank saved."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, str(script), "single", str(tmp_path / "single.pt")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
@@ -123,8 +134,11 @@ def test_two_ranks_equal_one_process(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr
-    single = torch.load(tmp_path / "single.pt")
-    ranks = [torch.load(tmp_path / f"ddp.pt.rank{r}") for r in (0, 1)]
+    return torch.load(tmp_path / "single.pt"), [torch.load(tmp_path / f"ddp.pt.rank{r}") for r in (0, 1)]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    single, ranks = single_and_ranks(tmp_path, DDP_SCRIPT)
     for name, value in single["state"].items():
         for r in ranks:  # every rank ends with the single process's weights
             assert torch.allclose(value, r["state"][name], atol=2e-5, rtol=1e-4), name
@@ -132,3 +146,47 @@ def test_two_ranks_equal_one_process(tmp_path):
     halves = (np.array(ranks[0]["losses"]) + np.array(ranks[1]["losses"])) / 2
     assert np.allclose(full, halves, atol=1e-5)  # each step's full-batch loss is the mean of the halves
     assert full[-1] < full[0]  # and training moved the weights
+
+
+# The distributed branches a GPT's shapes may not reach: an AdamW parameter whose rows do not
+# split over the ranks (updated whole on each), and a Muon shape group smaller than the world.
+BRANCHES_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from nanochat.common import compute_init, compute_cleanup
+    from nanochat.optim import AdamW, Muon, step_optimizers
+
+    ADAMW_SHAPES = [(5, 3), (4, 3)]  # on 2 ranks: 5 rows are replicated, 4 rows split 2 + 2
+    MUON_SHAPES = [(6, 4), (6, 4), (6, 4), (4, 6)]  # groups of 2, 1 (padded) and 1 (padded)
+
+    def grad(step, i, part):
+        return torch.randn((ADAMW_SHAPES + MUON_SHAPES)[i], generator=torch.Generator().manual_seed(100 * step + 10 * i + part))
+
+    def run(gradient):
+        torch.manual_seed(0)
+        params = [torch.randn(s, requires_grad=True) for s in ADAMW_SHAPES + MUON_SHAPES]
+        initial = [p.detach().clone() for p in params]
+        optimizers = [AdamW(params[:2], lr=0.01, weight_decay=0.1), Muon(params[2:], lr=0.02)]
+        norms = []
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = gradient(step, i)
+            norms.append(step_optimizers(optimizers, grad_clip=1.0))  # clipping is active: norms are ~4
+        return {"initial": initial, "params": [p.detach() for p in params], "norms": norms}
+
+    if sys.argv[1] == "ddp":
+        _, rank, _, world, _ = compute_init("cpu")
+        torch.save(run(lambda step, i: grad(step, i, rank)), f"{sys.argv[2]}.rank{rank}")
+        compute_cleanup()
+    else:  # one process sees the mean of the two ranks' gradients
+        torch.save(run(lambda step, i: (grad(step, i, 0) + grad(step, i, 1)) / 2), sys.argv[2])
+""")
+
+
+def test_replicated_and_padded_optimizer_branches_two_ranks_equal_one_process(tmp_path):
+    single, ranks = single_and_ranks(tmp_path, BRANCHES_SCRIPT)
+    for r in ranks:
+        assert np.allclose(r["norms"], single["norms"], rtol=1e-5)  # a replicated gradient counted once
+        for i, (a, b) in enumerate(zip(single["params"], r["params"])):
+            assert torch.allclose(a, b, atol=1e-6), i
+    assert all(not torch.allclose(a, b) for a, b in zip(single["initial"], single["params"]))  # every one moved
+    assert min(single["norms"]) > 1.0  # so clipping was at work
