@@ -31,6 +31,12 @@ def load_chat_model(source, device, model_tag=None, step=None):
     raise FileNotFoundError("; ".join(reason for _, reason in missing))
 
 
+def model_label(engine, meta, source):
+    """What is being served, e.g. 'sft, step 700 (bfloat16 on cuda:0)'."""
+    weight = engine.model.lm_head.weight
+    return f"{source}, step {meta['step']} ({str(engine.model.compute_dtype).removeprefix('torch.')} on {weight.device})"
+
+
 def reply_budget(engine, prompt, max_tokens):
     """How many tokens a reply to `prompt` may take: max_tokens, capped by the model's context."""
     return min(max_tokens, engine.model.config.sequence_len - len(prompt))

@@ -13,7 +13,7 @@ import importlib
 import random
 import sys
 
-from nanochat.chat import TextStream, load_chat_model, reply_budget, stream_reply
+from nanochat.chat import TextStream, load_chat_model, model_label, reply_budget, stream_reply
 from nanochat.common import autodetect_device_type
 from nanochat.training import parse_args
 
@@ -111,7 +111,7 @@ def main():
                                                args.model_tag, args.step)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"chat_cli: {e}")
-    print(f"model: {source}, step {meta['step']}")
+    print(f"model: {model_label(engine, meta, source)}")
     conversation = Conversation(engine, complete_only=(source == "base"))
     if args.prompt:
         if conversation.complete_only:

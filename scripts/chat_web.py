@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 import nanochat
-from nanochat.chat import TextStream, load_chat_model, reply_budget, stream_reply
+from nanochat.chat import TextStream, load_chat_model, model_label, reply_budget, stream_reply
 from nanochat.common import autodetect_device_type
 from nanochat.training import parse_args
 
@@ -228,7 +228,7 @@ def main():
         sys.exit(f"chat_web: {e}")
     engines = [engine for engine, _, _ in loaded]
     _, meta, source = loaded[0]
-    label = f"{source}, step {meta['step']}"
+    label = model_label(engines[0], meta, source)
     print(f"serving the {label} model on {len(engines)} replica(s): http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(create_app(engines, args, label), host=args.host, port=args.port, log_level="warning")
 

@@ -1,3 +1,4 @@
+import contextlib
 import io
 import os
 import subprocess
@@ -122,12 +123,18 @@ def free_port():
 @pytest.fixture(scope="session")
 def chat_server(chat_dir, tmp_path_factory):
     """`python -m scripts.chat_web` really started: 2 workers on a free port; yields its URL."""
+    with serve_chat(chat_dir, tmp_path_factory.mktemp("chat_web") / "server.log", "-n", "2") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_chat(base_dir, log, *flags, env=None):
+    """Start `python -m scripts.chat_web` on a free port over base_dir's models; yields its URL."""
     import requests
 
     port = free_port()
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(chat_dir)}
-    log = tmp_path_factory.mktemp("chat_web") / "server.log"
-    server = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "-n", "2", "-m", "200", "-p", str(port)],
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), **(env or {})}
+    server = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "-m", "200", "-p", str(port), *flags],
                               cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -141,9 +148,11 @@ def chat_server(chat_dir, tmp_path_factory):
             server.kill()
             pytest.fail(f"chat_web did not start:\n{log.read_text()}")
         time.sleep(0.2)
-    yield url
-    server.terminate()
     try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
