@@ -36,6 +36,8 @@ class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay). Across ranks, each owns a slice of rows of every parameter
     (rows must divide evenly; otherwise the parameter is updated whole on every rank)."""
 
+    STATE_BYTES = 8  # per parameter element: two float32 moments
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._owned = {}  # param -> (its rows this rank owns, their averaged gradient)
@@ -112,6 +114,8 @@ class Muon(torch.optim.Optimizer):
     matrices move alike. Across ranks, parameters of one shape are handled in groups of
     world_size: rank r owns the r-th of each group (its momentum lives only there).
     """
+
+    STATE_BYTES = 4  # per parameter element: the float32 momentum
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         params = list(params)

@@ -5,6 +5,7 @@ optimizer step, logging (loss, tokens/s, MFU), evaluation hooks and checkpoints 
 exactly. A stage script supplies only its model source, its batches and its loss.
 """
 
+import argparse
 import base64
 import signal
 import sys
@@ -27,6 +28,15 @@ def parse_args(parser, argv=None):
     return args
 
 
+def batch_size_flag(value):
+    """--device_batch_size: a number, or 'auto'."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {value!r}")
+    return int(value)
+
+
 def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0, warmup_ratio=0.0,
                      warmdown_ratio=0.2, final_lr_frac=0.0, source=None):
     """The flags every stage takes, with the same meaning everywhere (defaults differ by stage)."""
@@ -37,7 +47,10 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     if source:
         g.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default=source, help="the stage to start from")
         g.add_argument("--source_step", type=int, default=None, help="its checkpoint step (default: the last)")
-    g.add_argument("--device_batch_size", type=int, default=device_batch_size, help="sequences per rank per forward/backward")
+    g.add_argument("--device_batch_size", type=batch_size_flag, default="auto",
+                   help=f"sequences per rank per forward/backward; auto: the largest that fits on a CUDA GPU, "
+                        f"{device_batch_size} elsewhere (gradient accumulation makes up the rest of the step)")
+    parser.set_defaults(device_batch_size_off_cuda=device_batch_size)
     g.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: the stage's natural length)")
     g.add_argument("--embedding_lr", type=float, default=0.2)
     g.add_argument("--unembedding_lr", type=float, default=0.004)
@@ -105,6 +118,42 @@ class StopRequest:
         return bool(flag.item())
 
 
+AUTO_BATCH_SIZES = (64, 32, 16, 8, 4, 2, 1)  # tried largest first; more than 64 rows gains little
+
+
+def fits_in_memory(model, batch_size, seq_len, device, reserve_bytes):
+    """Whether a training forward and backward of (batch_size, seq_len) tokens runs without running
+    out of memory while `reserve_bytes` are held aside. Leaves no gradients behind."""
+    try:
+        held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)  # noqa: F841 -- taken while the step runs
+        x = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+        model(x, x).backward()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def largest_fitting_batch_size(model, candidates, seq_len, device, reserve_bytes):
+    """The first of `candidates` (largest first) that fits_in_memory, and the ones that did not."""
+    too_big = []
+    for batch_size in candidates:
+        fits = fits_in_memory(model, batch_size, seq_len, device, reserve_bytes)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give the probe's memory back before the next try, or training
+        if fits:
+            return batch_size, too_big
+        too_big.append(batch_size)
+    return None, too_big
+
+
+def optimizer_state_bytes(optimizers):
+    """What the optimizers' state will take once it exists (before the first step it does not); an
+    upper bound across ranks, where it is sharded."""
+    return sum(opt.STATE_BYTES * p.numel() for opt in optimizers for g in opt.param_groups for p in g["params"])
+
+
 def _rng_states(device):
     states = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if device.type == "cuda":
@@ -140,8 +189,7 @@ class Trainer:
     `data_state()`, so that --resume continues with exactly the same numbers.
     """
 
-    def __init__(self, args, phase, model, device, num_iterations, grad_accum, tokens_per_step, default_tag,
-                 fixed_shapes=True):
+    def __init__(self, args, phase, model, device, num_iterations, tokens_per_step, default_tag, fixed_shapes=True):
         """tokens_per_step: a number, or a function giving the last step's (for throughput).
         fixed_shapes: every batch has the same shape, so --compile defaults to on for CUDA (a stage
         whose batch widths vary would recompile for each new width)."""
@@ -149,7 +197,7 @@ class Trainer:
             raise SystemExit("error: NANOCHAT_DTYPE=float16 can evaluate and chat but not train (float16 training "
                              "needs loss scaling, which nanochat leaves out); use bfloat16 or float32")
         self.args, self.phase, self.model, self.device = args, phase, model, device
-        self.num_iterations, self.grad_accum, self.tokens_per_step = num_iterations, grad_accum, tokens_per_step
+        self.num_iterations, self.tokens_per_step = num_iterations, tokens_per_step
         _, self.rank, _, self.world_size = get_dist_info()
         self.optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
         for opt in self.optimizers:
@@ -166,6 +214,32 @@ class Trainer:
             self.wandb = wandb.init(project="nanochat", name=args.run, config=vars(args))
         else:
             self.wandb = DummyWandb()
+
+    def device_batch_size(self, seq_len, allowed=lambda b: True):
+        """--device_batch_size, with 'auto' resolved to the largest of AUTO_BATCH_SIZES that `allowed`
+        accepts and, on CUDA, whose training step at seq_len tokens fits beside the optimizer state
+        (and 5% headroom), the same on every rank; off CUDA, at most the stage's default."""
+        args = self.args
+        if args.device_batch_size != "auto":
+            return args.device_batch_size
+        candidates, default = [b for b in AUTO_BATCH_SIZES if allowed(b)], args.device_batch_size_off_cuda
+        if self.device.type != "cuda" or not candidates:  # (with no candidate, the stage's own check explains)
+            chosen = next((b for b in candidates if b <= default), default)
+            print0(f"device batch size: {chosen} (auto off CUDA: the largest that splits the step, up to {default})")
+            return chosen
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        reserve = optimizer_state_bytes(self.optimizers) + total // 20
+        found, too_big = largest_fitting_batch_size(self.train_model, candidates, seq_len, self.device, reserve)
+        chosen = torch.tensor([found or 0], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(chosen, op=dist.ReduceOp.MIN)
+        if not chosen.item():
+            raise SystemExit(f"error: no device batch size of {candidates} fits a {seq_len}-token training step in "
+                             f"{total / 2**30:.0f} GiB; lower --max_seq_len or --depth")
+        why = f"{', '.join(map(str, too_big))} ran out of memory" if too_big else "the largest allowed"
+        print0(f"device batch size: {chosen.item()} (auto, of {candidates}: {why}; {total / 2**30:.0f} GiB GPU, "
+               f"{reserve / 2**30:.1f} GiB kept for the optimizer state and headroom)")
+        return chosen.item()
 
     def resume(self):
         """Load the --resume checkpoint (if asked); returns this rank's data state, or None."""
@@ -210,8 +284,9 @@ class Trainer:
         save_checkpoint(self.folder, self.step, self.model, self.optimizers, meta, self.rank, keep=self.args.keep_checkpoints)
         print0(f"saved checkpoint at step {self.step} to {self.folder}")
 
-    def fit(self, next_batch, loss_fn, evaluate, data_state, log_extra=lambda: ""):
-        """Train until num_iterations (or a stop request); returns the loop state."""
+    def fit(self, grad_accum, next_batch, loss_fn, evaluate, data_state, log_extra=lambda: ""):
+        """Train until num_iterations (or a stop request), `grad_accum` micro-batches a step;
+        returns the loop state."""
         args, muon = self.args, self.optimizers[-1]
         stop, peak, start_step = StopRequest(), peak_flops(self.device), self.step
         flops_per_token = self.model.estimate_flops()
@@ -237,8 +312,8 @@ class Trainer:
 
             t0 = time.time()
             step_loss = 0.0
-            for _ in range(self.grad_accum):
-                loss = loss_fn(self.train_model, next_batch()) / self.grad_accum
+            for _ in range(grad_accum):
+                loss = loss_fn(self.train_model, next_batch()) / grad_accum
                 loss.backward()
                 step_loss = step_loss + loss.detach()
             lrm = lr_multiplier(self.step, self.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)

@@ -66,7 +66,9 @@ def main():
     num_iterations = horizon(args, num_params, flops_per_token)
 
     # Batch: sequences per rank per micro-step, micro-steps per optimizer step
-    B, T = args.device_batch_size, args.max_seq_len
+    trainer = Trainer(args, "base", model, device, num_iterations, args.total_batch_size, f"d{args.depth}")
+    T = args.max_seq_len
+    B = trainer.device_batch_size(T, allowed=lambda b: args.total_batch_size % (b * T * world_size) == 0)
     if args.total_batch_size % (B * T * world_size):
         raise SystemExit(f"error: --total_batch_size={args.total_batch_size} is not a multiple of device_batch_size x "
                          f"max_seq_len x ranks = {B * T * world_size}; change one of them")
@@ -75,7 +77,6 @@ def main():
     print0(f"parameters: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | steps: {num_iterations:,} | "
            f"tokens: {num_iterations * args.total_batch_size:,} ({num_iterations * args.total_batch_size / num_params:.1f}/param) | "
            f"grad accumulation: {grad_accum} | total FLOPs: {flops_per_token * args.total_batch_size * num_iterations:.3e}")
-    trainer = Trainer(args, "base", model, device, num_iterations, grad_accum, args.total_batch_size, f"d{args.depth}")
     loader_state = trainer.resume()
     trainer.loop.setdefault("val_bpb", None)
     trainer.loop.setdefault("min_val_bpb", None)
@@ -112,7 +113,7 @@ def main():
         return metrics
 
     t_start = time.time()
-    loop = trainer.fit(next_batch, lambda m, batch: m(*batch), evaluate, lambda: loader_state,
+    loop = trainer.fit(grad_accum, next_batch, lambda m, batch: m(*batch), evaluate, lambda: loader_state,
                        log_extra=lambda: f" | cropped: {100 * cropped_fraction(loader_state):.1f}%")
     print0(f"done: {trainer.step} steps, min val bpb {loop['min_val_bpb']}, {(time.time() - t_start) / 60:.2f} min wall")
     trainer.finish("Base model training", {

@@ -36,9 +36,10 @@ parser.add_argument("--eval_examples", type=int, default=400, help="GSM8K test p
 parser.add_argument("--eval_k", type=int, default=4, help="samples per problem for pass@k")
 
 
-def rollout_batches(engine, task, indices, args, seed):
-    """Sample answers to task[i] for i in indices; returns (micro-batches of (inputs, targets,
-    advantages), rewards). Targets are -1 where nothing was sampled: prompt, tool output, padding."""
+def rollout_batches(engine, task, indices, args, batch_size, seed):
+    """Sample answers to task[i] for i in indices; returns (micro-batches of batch_size rows of
+    (inputs, targets, advantages), rewards). Targets are -1 where nothing was sampled: prompt, tool
+    output, padding."""
     rows, rewards = [], []
     for i in indices:
         conversation = task[i]
@@ -51,8 +52,8 @@ def rollout_batches(engine, task, indices, args, seed):
         rows += [(s, m, r - mean) for s, m, r in zip(sequences, masks, scores)]
         rewards += scores
     batches = []
-    for b in range(0, len(rows), args.device_batch_size):
-        chunk = rows[b : b + args.device_batch_size]
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b : b + batch_size]
         x, y = masked_rows([(s, m) for s, m, _ in chunk], engine.tokenizer.get_bos_token_id())
         batches.append((x, y, torch.tensor([a for _, _, a in chunk], dtype=torch.float32)))
     return batches, rewards
@@ -97,15 +98,16 @@ def main():
         train, test = GSM8K("train"), GSM8K("test")
     except (FileNotFoundError, ValueError, DownloadError) as e:
         raise SystemExit(f"chat_rl: {e}")
-    per_rank = args.examples_per_step // world_size
-    grad_accum = -(-per_rank * args.num_samples // args.device_batch_size)  # micro-batches per step (ceil)
     num_iterations = args.num_iterations if args.num_iterations > 0 else len(train) // args.examples_per_step
+    step_stats = {"tokens": 0, "reward": 0.0}
+    trainer = Trainer(args, "rl", model, device, num_iterations, lambda: step_stats["tokens"], model_tag, fixed_shapes=False)
+    longest_prompt = max(len(tokenizer.render_for_completion(train[i])) for i in range(len(train)))
+    B = trainer.device_batch_size(min(model.config.sequence_len, longest_prompt + args.max_new_tokens))
+    per_rank = args.examples_per_step // world_size
+    grad_accum = -(-per_rank * args.num_samples // B)  # micro-batches per step (ceil)
     print0(f"{len(train):,} problems, {args.examples_per_step} per step x {args.num_samples} samples; "
            f"training {num_iterations:,} steps, {grad_accum} micro-batches per rank per step")
     engine = Engine(model, tokenizer)
-    step_stats = {"tokens": 0, "reward": 0.0}
-    trainer = Trainer(args, "rl", model, device, num_iterations, grad_accum, lambda: step_stats["tokens"], model_tag,
-                      fixed_shapes=False)
     trainer.resume()  # the problems and sampling seeds of a step follow from the step number alone
 
     queue = deque()
@@ -114,7 +116,7 @@ def main():
         if not queue:  # a new step: sample this rank's problems
             first = trainer.step * args.examples_per_step
             indices = [(first + j) % len(train) for j in range(rank, args.examples_per_step, world_size)]
-            batches, rewards = rollout_batches(engine, train, indices, args, seed=1_000_003 * trainer.step)
+            batches, rewards = rollout_batches(engine, train, indices, args, B, seed=1_000_003 * trainer.step)
             batches += [empty_batch(tokenizer.get_bos_token_id())] * (grad_accum - len(batches))
             counts = torch.tensor([sum(int((y >= 0).sum()) for _, y, _ in batches), sum(rewards), len(rewards)],
                                   dtype=torch.float64, device=device)
@@ -137,7 +139,7 @@ def main():
         print0(f"step {step:05d} | GSM8K pass@1: {p1:.4f} | pass@{args.eval_k}: {pk:.4f}")
         return {"gsm8k/pass@1": p1, f"gsm8k/pass@{args.eval_k}": pk}
 
-    trainer.fit(next_batch, lambda m, batch: policy_gradient_loss(m, *batch), evaluate, lambda: None,
+    trainer.fit(grad_accum, next_batch, lambda m, batch: policy_gradient_loss(m, *batch), evaluate, lambda: None,
                 log_extra=lambda: f" | reward: {step_stats['reward']:.3f}")
     trainer.finish("Chat RL", {k: trainer.loop.get(k) for k in ("pass@1", f"pass@{args.eval_k}")})
     compute_cleanup()

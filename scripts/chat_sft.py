@@ -62,20 +62,20 @@ def main():
         val, mmlu, arc = SmolTalk("test", stop=args.eval_conversations), MMLU("all", "test"), ARC("ARC-Easy", "test")
     except (FileNotFoundError, ValueError, DownloadError) as e:
         raise SystemExit(f"chat_sft: {e}")
-    B, T = args.device_batch_size, args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
-    if args.examples_per_step % (B * world_size):
-        raise SystemExit(f"error: --examples_per_step={args.examples_per_step} is not a multiple of "
-                         f"device_batch_size x ranks = {B * world_size}")
-    grad_accum = args.examples_per_step // (B * world_size)
+    T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
     epoch_steps = len(train) // args.examples_per_step
     num_iterations = args.num_iterations if args.num_iterations > 0 else epoch_steps
     if num_iterations < 1:
         raise SystemExit(f"error: {len(train)} conversations are not one step of --examples_per_step={args.examples_per_step}")
+    trainer = Trainer(args, "sft", model, device, num_iterations, args.examples_per_step * T, model_tag, fixed_shapes=False)
+    B = trainer.device_batch_size(T, allowed=lambda b: args.examples_per_step % (b * world_size) == 0)
+    if args.examples_per_step % (B * world_size):
+        raise SystemExit(f"error: --examples_per_step={args.examples_per_step} is not a multiple of "
+                         f"device_batch_size x ranks = {B * world_size}")
+    grad_accum = args.examples_per_step // (B * world_size)
     print0(f"mixture: {len(train):,} conversations, {epoch_steps:,} steps per epoch; training {num_iterations:,} steps, "
            f"grad accumulation {grad_accum}")
 
-    trainer = Trainer(args, "sft", model, device, num_iterations, grad_accum, args.examples_per_step * T, model_tag,
-                      fixed_shapes=False)
     mine = range(rank, len(train), world_size)  # this rank's conversations, in mixture order
     cursor = trainer.resume() or 0
     pad_id = tokenizer.get_bos_token_id()
@@ -106,7 +106,7 @@ def main():
         print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    trainer.fit(next_batch, lambda m, batch: m(*batch), evaluate, lambda: cursor)
+    trainer.fit(grad_accum, next_batch, lambda m, batch: m(*batch), evaluate, lambda: cursor)
     trainer.finish("Chat SFT", {"conversations": len(train), **{k: trainer.loop.get(k) for k in ("val/loss", "mmlu_acc", "arc_easy_acc")}})
     compute_cleanup()
 

@@ -57,26 +57,31 @@ def main():
         train, val = train_mixture(args), val_mixture()
     except (FileNotFoundError, ValueError, DownloadError) as e:
         raise SystemExit(f"mid_train: {e}")
-    B, T = args.device_batch_size, args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
-    if args.total_batch_size % (B * T * world_size):
-        raise SystemExit(f"error: --total_batch_size={args.total_batch_size} is not a multiple of device_batch_size x "
-                         f"max_seq_len x ranks = {B * T * world_size}; change one of them")
-    grad_accum = args.total_batch_size // (B * T * world_size)
+    T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+    if args.total_batch_size % (T * world_size):
+        raise SystemExit(f"error: --total_batch_size={args.total_batch_size} is not a multiple of max_seq_len x ranks = "
+                         f"{T * world_size}; change one of them")
+    step_rows = args.total_batch_size // (T * world_size)  # rows each rank trains on per step
     pad_id = tokenizer.get_bos_token_id()
 
     # One epoch: as many full steps as the rank with the fewest rows can make.
     rows = torch.tensor(ConversationPacker(train, tokenizer, T, rank, world_size).count_rows(), device=device)
     if is_ddp:
         dist.all_reduce(rows, op=dist.ReduceOp.MIN)
-    epoch_steps = rows.item() // (B * grad_accum)
+    epoch_steps = rows.item() // step_rows
     num_iterations = args.num_iterations if args.num_iterations > 0 else epoch_steps
     if num_iterations < 1:
         raise SystemExit(f"error: {len(train):,} conversations make {rows.item()} rows per rank: not one step of "
-                         f"{B * grad_accum} rows; lower --total_batch_size or --device_batch_size")
+                         f"{step_rows} rows; lower --total_batch_size")
+    trainer = Trainer(args, "mid", model, device, num_iterations, args.total_batch_size, model_tag)
+    B = trainer.device_batch_size(T, allowed=lambda b: step_rows % b == 0)
+    if step_rows % B:
+        raise SystemExit(f"error: --device_batch_size={B} does not divide the {step_rows} rows each rank trains on per "
+                         "step (--total_batch_size / (max_seq_len x ranks)); change one of them")
+    grad_accum = step_rows // B
     print0(f"mixture: {len(train):,} conversations, {rows.item():,} rows per rank, {epoch_steps:,} steps per epoch; "
            f"training {num_iterations:,} steps, grad accumulation {grad_accum}")
 
-    trainer = Trainer(args, "mid", model, device, num_iterations, grad_accum, args.total_batch_size, model_tag)
     packer = ConversationPacker(train, tokenizer, T, rank, world_size, state=trainer.resume())
     trainer.loop.setdefault("min_val_bpb", None)
 
@@ -108,7 +113,7 @@ def main():
         print0(f"step {step:05d} | val bpb: {bpb:.6f}")
         return {"val/bpb": bpb}
 
-    loop = trainer.fit(next_batch, lambda m, batch: m(*batch), evaluate, lambda: packer.state())
+    loop = trainer.fit(grad_accum, next_batch, lambda m, batch: m(*batch), evaluate, lambda: packer.state())
     trainer.finish("Midtraining", {"conversations": len(train), "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": loop.get("val_bpb")})
     compute_cleanup()
 

@@ -15,8 +15,10 @@ import torch
 from conftest import REPO, free_port, run_module
 from nanochat.checkpoint_manager import checkpoint_dir, load_model, saved_steps
 from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
+from nanochat.training import AUTO_BATCH_SIZES, largest_fitting_batch_size, optimizer_state_bytes
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
         "--eval_tokens=256", "--sample_every=0", "--core_metric_every=-1"]
@@ -148,3 +150,61 @@ def test_two_nodes_train_together(pretrain_env):
     assert "step 00002/00002" in log
     meta = json.load(open(os.path.join(checkpoint_dir("base", "twonodes"), "meta_000002.json")))
     assert meta["world_size"] == 2 and len(meta["data_state"]) == 2
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """A real model that raises CUDA's out-of-memory error halfway through the backward pass of any
+    batch of more than `limit` rows, after some gradients have already been written."""
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.model, self.limit, self.rows, self.tried = model, limit, 0, []
+        model.transformer.wte.weight.register_hook(self.maybe_fail)  # its gradient comes last
+
+    def maybe_fail(self, grad):
+        if self.rows > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return grad
+
+    def forward(self, x, y):
+        self.rows = x.size(0)
+        self.tried.append(x.shape)
+        return self.model(x, y)
+
+
+def test_auto_batch_size_takes_the_largest_that_fits_and_leaves_nothing_behind():
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(2, 256, 32))
+    model.init_weights()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probe = RunsOutOfMemory(model, limit=12)
+    found, too_big = largest_fitting_batch_size(probe, AUTO_BATCH_SIZES, 32, torch.device("cpu"), reserve_bytes=1024)
+    assert (found, too_big) == (8, [64, 32, 16])
+    assert probe.tried == [(64, 32), (32, 32), (16, 32), (8, 32)]  # at the full sequence length
+    assert all(p.grad is None for p in model.parameters())  # not even the half-written ones of a failed try
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert largest_fitting_batch_size(RunsOutOfMemory(model, limit=0), [4, 2, 1], 32, torch.device("cpu"), 0) == (None, [4, 2, 1])
+    # the optimizer state the probe keeps room for: AdamW's two moments and Muon's momentum, in float32
+    adamw, muon = model.setup_optimizers()
+    embeddings = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
+    assert optimizer_state_bytes([adamw, muon]) == 8 * embeddings + 4 * (model.num_params() - embeddings)
+
+
+def test_device_batch_size_auto_and_accumulation_train_the_same_model(pretrain_env):
+    """--total_batch_size fixes the step; the device batch only decides how it is split. Off CUDA,
+    auto takes the largest batch that splits the step, up to the stage's default."""
+    flags = [f for f in TINY if not f.startswith("--device_batch_size")] + ["--num_iterations=3", "--eval_every=0"]
+    auto = run_module("scripts.base_train", *flags, "--model_tag=auto")  # 128 tokens of 64: 2 rows a step
+    assert auto.returncode == 0, auto.stderr
+    assert "device batch size: 2 (auto off CUDA" in auto.stdout and "grad accumulation: 1 " in auto.stdout
+    split = run_module("scripts.base_train", *flags, "--device_batch_size=1", "--model_tag=split")
+    assert split.returncode == 0 and "grad accumulation: 2 " in split.stdout, split.stderr
+    whole, halves = losses(auto.stdout)[0], losses(split.stdout)[0]
+    assert sorted(whole) == sorted(halves) == [1, 2, 3]
+    assert all(abs(float(whole[s]) - float(halves[s])) < 1e-4 for s in whole)
+    a, _, _ = load_model("base", "cpu", model_tag="auto")
+    b, _, _ = load_model("base", "cpu", model_tag="split")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-4), name
+    bad = run_module("scripts.base_train", *flags, "--device_batch_size=0")
+    assert bad.returncode == 2 and "--device_batch_size: expected a positive number or 'auto'" in bad.stderr

@@ -117,8 +117,8 @@ def test_rl_advantages_masks_and_normalisation(chat_env):
     tok = get_tokenizer()
     answers = [tok.encode("yes indeed"), tok.encode("no way"), tok.encode("yes"), tok.encode("nope nope")]
     engine = ScriptedEngine(tok, answers, forced_at=1)
-    args = type("A", (), {"max_new_tokens": 50, "num_samples": 4, "temperature": 1.0, "top_k": 50, "device_batch_size": 3})()
-    batches, rewards = rollout_batches(engine, RewardTask(), [0], args, seed=0)
+    args = type("A", (), {"max_new_tokens": 50, "num_samples": 4, "temperature": 1.0, "top_k": 50})()
+    batches, rewards = rollout_batches(engine, RewardTask(), [0], args, batch_size=3, seed=0)
     assert rewards == [1.0, 0.0, 1.0, 0.0]
     assert [len(b[0]) for b in batches] == [3, 1]
     advantages = torch.cat([b[2] for b in batches])
