@@ -25,7 +25,7 @@ def dry_run(script, **env):
 
 
 def test_scripts_are_valid_bash_and_pass_shellcheck():
-    scripts = ["speedrun.sh", "run1000.sh", "dev/runcpu.sh", "dev/pipeline.sh"]
+    scripts = ["speedrun.sh", "run1000.sh", "dev/runcpu.sh", "dev/pipeline.sh", "dev/gpu_check.sh"]
     for script in scripts:
         assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0, script
     if shutil.which("shellcheck") is None:
@@ -88,3 +88,34 @@ def test_runcpu_end_to_end_survives_a_kill(tmp_path, shared_mirror):
     for name in pngs:
         data = (base / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_gpu_check_refuses_without_cuda_and_runs_every_stage_on_cpu_when_asked(tmp_path, shared_mirror):
+    refused = subprocess.run(["bash", "dev/gpu_check.sh"], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "refused")})
+    assert refused.returncode == 2 and refused.stderr.startswith("dev/gpu_check.sh needs CUDA")
+    assert not (tmp_path / "refused").exists()
+
+    tiny = {"GPU_CHECK_ON_CPU": "1", "NUM_SHARDS": "3", "TOK_CHARS": "2000000", "VOCAB": "512", "DEPTH": "2",
+            "SEQ_LEN": "128", "TOTAL_BATCH": "512", "BASE_STEPS": "2", "MID_STEPS": "2", "SFT_STEPS": "2",
+            "EVAL_ITEMS": "2", "MAX_NEW_TOKENS": "8", "OMP_NUM_THREADS": "2"}
+
+    def gpu_check(**env):
+        r = subprocess.run(["bash", "dev/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                           env={**os.environ, **tiny, "NANOCHAT_MIRROR": shared_mirror, **env})
+        table = r.stdout[r.stdout.index("stage        result"):].splitlines()[1:]
+        return r, {line.split()[0]: line.split(None, 3) for line in table if line.strip() and not line.startswith("some")}
+
+    # With 1 s per stage, each one that loads torch "hangs": it is cut off, reported, and the check goes on.
+    hung, rows = gpu_check(STAGE_TIMEOUT="1", NANOCHAT_BASE_DIR=str(tmp_path / "hung"))
+    assert hung.returncode == 1 and "some stages failed" in hung.stdout
+    assert len(rows) == 11 and all(rows[name][1] == "failed" for name in list(rows)[2:])
+
+    r, rows = gpu_check(NANOCHAT_BASE_DIR=str(tmp_path / "base"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert list(rows) == ["data", "tokenizer", "base-train", "base-loss", "base-eval", "mid-train", "chat-eval", "sft",
+                          "rl", "chat-cli", "chat-web"]
+    assert all(row[1] == "ok" and len(row) == 4 for row in rows.values()), rows  # every stage has its key number
+    assert re.fullmatch(r"tok/sec: [\d,]+ \| mfu: n/a", rows["base-train"][3])  # (no peak FLOP/s on CPU)
+    assert re.fullmatch(r"ChatCORE: -?[\d.]+", rows["chat-eval"][3])
+    assert re.fullmatch(r"streamed \d+ pieces in [\d.]+ s", rows["chat-web"][3])
