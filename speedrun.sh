@@ -21,7 +21,7 @@ NPROC_PER_NODE="${NPROC_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l
 RUN_RL="${RUN_RL:-0}"
 DEPTH="${DEPTH:-20}"
 SHARDS="${SHARDS:-240}"               # ~54B characters: 20 tokens per parameter for d20, with margin
-DEVICE_BATCH="${DEVICE_BATCH:-32}"
+DEVICE_BATCH="${DEVICE_BATCH:-auto}"       # sequences per GPU per micro-batch; auto: the most that fit
 RUN_DIR="$NANOCHAT_BASE_DIR/speedrun_d$DEPTH"
 TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC_PER_NODE")
 COMMON=(--run="$WANDB_RUN" --resume=auto --save_every=1000 --model_tag="d$DEPTH")
