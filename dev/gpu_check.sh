@@ -8,7 +8,7 @@
 #
 # Exits 1 if any stage failed (its log's tail is printed; every log stays in $CHECK_DIR). Data comes
 # from $NANOCHAT_MIRROR if set, else the network. Artifacts go to $NANOCHAT_BASE_DIR (default: a
-# fresh temporary folder). The sizes below can be set from the environment; GPU_CHECK_ON_CPU=1
+# fresh temporary folder, so each run downloads its data again and starts with no checkpoints). The sizes below can be set from the environment; GPU_CHECK_ON_CPU=1
 # runs the same stages on the CPU (with tiny sizes: how the script itself is tested).
 set -uo pipefail  # not -e: a failed stage is reported, and the check goes on
 cd "$(dirname "$0")/.." || exit 1
@@ -20,14 +20,13 @@ fi
 
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$(mktemp -d -t nanochat-gpu-check.XXXXXX)}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-NPROC="${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}"
-[ "$NPROC" -ge 1 ] || NPROC=1
+NPROC="${NPROC:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}"  # the GPUs torch sees
 NUM_SHARDS="${NUM_SHARDS:-8}"
 TOK_CHARS="${TOK_CHARS:-100000000}"
 VOCAB="${VOCAB:-32768}"
 DEPTH="${DEPTH:-12}"
 SEQ_LEN="${SEQ_LEN:-2048}"
-TOTAL_BATCH="${TOTAL_BATCH:-262144}"   # tokens per step of base and midtraining
+TOTAL_BATCH="${TOTAL_BATCH:-$((SEQ_LEN * 64 * NPROC))}"  # tokens per step of base and midtraining
 BASE_STEPS="${BASE_STEPS:-30}"
 MID_STEPS="${MID_STEPS:-10}"
 SFT_STEPS="${SFT_STEPS:-10}"
@@ -98,7 +97,8 @@ check tokenizer 'trained on [0-9,]+ characters' python -m scripts.tok_train --ma
 check base-train 'tok/sec: [0-9,]+ \| mfu: [^ ]+' "${RUN[@]}" -m scripts.base_train -- --depth="$DEPTH" "${TAG[@]}" \
     --max_seq_len="$SEQ_LEN" --total_batch_size="$TOTAL_BATCH" --num_iterations="$BASE_STEPS" --eval_every=0 \
     --eval_tokens="$TOTAL_BATCH" --core_metric_every=-1
-check base-loss 'val bpb: [0-9.]+' "${RUN[@]}" -m scripts.base_loss -- "${TAG[@]}" --split_tokens="$TOTAL_BATCH"
+check base-loss 'val bpb: [0-9.]+' "${RUN[@]}" -m scripts.base_loss -- "${TAG[@]}" --split_tokens="$TOTAL_BATCH" \
+    --device_batch_size=8
 check base-eval 'CORE +[-0-9.]+' "${RUN[@]}" -m scripts.base_eval -- "${TAG[@]}" --max_per_task="$EVAL_ITEMS"
 check mid-train 'val bpb: [0-9.]+' "${RUN[@]}" -m scripts.mid_train -- "${TAG[@]}" --total_batch_size="$TOTAL_BATCH" \
     --num_iterations="$MID_STEPS" --eval_every=0 --eval_tokens="$TOTAL_BATCH" --simple_spelling_size=2000 \

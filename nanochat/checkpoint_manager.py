@@ -106,7 +106,8 @@ def find_model_tag(phase):
 
 def load_model(source, device, phase="eval", model_tag=None, step=None):
     """(model, tokenizer, meta) from the newest (or given) checkpoint of `source`
-    (base | mid | sft | rl). `phase` is "eval" or "train" (train mode)."""
+    (base | mid | sft | rl). `phase` is "train" (train mode, float32 master weights) or "eval"
+    (eval mode, weights stored in the compute dtype: no cast per forward, half the memory on GPU)."""
     from nanochat.tokenizer import get_tokenizer
 
     device = torch.device(device)
@@ -120,6 +121,8 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     model = build_model(model_state, meta, device)
     if phase == "train":
         model.train()
+    else:
+        model.to(model.compute_dtype)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model.config.vocab_size}; retrain one of them")

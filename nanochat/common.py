@@ -60,7 +60,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 def compute_dtype(device):
     """The one compute-dtype policy: the dtype of activations, the KV cache and every matmul on
     `device` (weights stay float32 masters; the model casts them). $NANOCHAT_DTYPE decides if set,
-    else bfloat16 on CUDA GPUs that support it, float32 elsewhere (CPU and MPS)."""
+    else bfloat16 on CUDA GPUs that have it natively (Ampere on: older ones only emulate it),
+    float32 elsewhere (CPU and MPS)."""
     import torch
 
     device = torch.device(device)
@@ -69,7 +70,7 @@ def compute_dtype(device):
         if name not in DTYPES:
             raise SystemExit(f"error: NANOCHAT_DTYPE={name!r}; expected one of {', '.join(DTYPES)}")
         return getattr(torch, name)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     return torch.float32
 

@@ -9,7 +9,8 @@ What it does:
   working directory, removed afterwards;
 - a pass means the program ran to its end: once the code returns, the runner writes a random
   token (which the code is never shown) to a file, and the caller compares it exactly. A program
-  that leaves early (`sys.exit(0)`, `os._exit(0)`, `raise SystemExit`, `exit()`) has not passed;
+  that leaves early (`sys.exit(0)`, `os._exit(0)`, `raise SystemExit`, `exit()`) has not passed,
+  even where it meant to stop there (`sys.exit(main())`, `unittest.main()`);
 - kernel limits, which the child sets on itself before the code runs (not in a preexec_fn, which
   is unsafe when the caller has threads, as a CUDA process does): address space
   (`maximum_memory_bytes`: a big allocation raises MemoryError there), CPU seconds, size of any

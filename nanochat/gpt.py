@@ -170,6 +170,7 @@ class GPT(nn.Module):
         # Rotary tables for 10x the training length, so generation can run past it.
         self.rotary_len = config.sequence_len * 10
         cos, sin = self._rotary_tables(self.rotary_len)
+        self.compute_dtype = compute_dtype(cos.device)  # (init_weights settles it for the real device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

@@ -36,8 +36,6 @@ class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay). Across ranks, each owns a slice of rows of every parameter
     (rows must divide evenly; otherwise the parameter is updated whole on every rank)."""
 
-    STATE_BYTES = 8  # per parameter element: two float32 moments
-
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._owned = {}  # param -> (its rows this rank owns, their averaged gradient)
@@ -63,6 +61,13 @@ class AdamW(torch.optim.Optimizer):
                     if rank == 0:  # replicated: count it once
                         sq += p.grad.float().square().sum()
         return sq
+
+    def state_bytes(self):
+        """What this rank's state will take once the first step creates it: two float32 moments of
+        the rows it owns."""
+        _, world = _world()
+        return sum(8 * (p.numel() // world if world > 1 and p.shape[0] % world == 0 else p.numel())
+                   for group in self.param_groups for p in group["params"])
 
     @torch.no_grad()
     def step(self, grad_scale=1.0):
@@ -115,8 +120,6 @@ class Muon(torch.optim.Optimizer):
     world_size: rank r owns the r-th of each group (its momentum lives only there).
     """
 
-    STATE_BYTES = 4  # per parameter element: the float32 momentum
-
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         params = list(params)
         if any(p.ndim != 2 for p in params):
@@ -149,6 +152,12 @@ class Muon(torch.optim.Optimizer):
                 self._owned[group[rank]] = grad
                 sq += grad.float().square().sum()
         return sq
+
+    def state_bytes(self):
+        """What this rank's state will take once the first step creates it: the float32 momentum of
+        the matrices it owns."""
+        rank, _ = _world()
+        return sum(4 * group[rank].numel() for group in self._groups if rank < len(group))
 
     @torch.no_grad()
     def step(self, grad_scale=1.0):

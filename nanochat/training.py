@@ -7,6 +7,7 @@ exactly. A stage script supplies only its model source, its batches and its loss
 
 import argparse
 import base64
+import gc
 import signal
 import sys
 import time
@@ -122,14 +123,19 @@ AUTO_BATCH_SIZES = (64, 32, 16, 8, 4, 2, 1)  # tried largest first; more than 64
 
 
 def fits_in_memory(model, batch_size, seq_len, device, reserve_bytes):
-    """Whether a training forward and backward of (batch_size, seq_len) tokens runs without running
-    out of memory while `reserve_bytes` are held aside. Leaves no gradients behind."""
+    """Whether a training micro-step of (batch_size, seq_len) tokens runs without running out of
+    memory with every gradient already allocated (as from a step's second micro-batch on) and
+    `reserve_bytes` held aside. Leaves no gradients behind."""
     try:
         held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)  # noqa: F841 -- taken while the step runs
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
         x = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
         model(x, x).backward()
         return True
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError, or a library (cuBLAS) failing to allocate
+        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e) and "ALLOC_FAILED" not in str(e):
+            raise
         return False
     finally:
         model.zero_grad(set_to_none=True)
@@ -140,18 +146,13 @@ def largest_fitting_batch_size(model, candidates, seq_len, device, reserve_bytes
     too_big = []
     for batch_size in candidates:
         fits = fits_in_memory(model, batch_size, seq_len, device, reserve_bytes)
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # give the probe's memory back before the next try, or training
         if fits:
             return batch_size, too_big
         too_big.append(batch_size)
     return None, too_big
-
-
-def optimizer_state_bytes(optimizers):
-    """What the optimizers' state will take once it exists (before the first step it does not); an
-    upper bound across ranks, where it is sharded."""
-    return sum(opt.STATE_BYTES * p.numel() for opt in optimizers for g in opt.param_groups for p in g["params"])
 
 
 def _rng_states(device):
@@ -208,12 +209,7 @@ class Trainer:
         self.step, self.loop = 0, {"smooth_loss": 0.0, "training_time": 0.0}
         use_compile = bool(args.compile) if args.compile is not None else device.type == "cuda" and fixed_shapes
         self.train_model = torch.compile(model, dynamic=False) if use_compile else model
-        if args.run != "dummy" and self.rank == 0:
-            import wandb
-
-            self.wandb = wandb.init(project="nanochat", name=args.run, config=vars(args))
-        else:
-            self.wandb = DummyWandb()
+        self.wandb = DummyWandb()  # a real run starts with fit(), once every flag has been checked
 
     def device_batch_size(self, seq_len, allowed=lambda b: True):
         """--device_batch_size, with 'auto' resolved to the largest of AUTO_BATCH_SIZES that `allowed`
@@ -223,12 +219,14 @@ class Trainer:
         if args.device_batch_size != "auto":
             return args.device_batch_size
         candidates, default = [b for b in AUTO_BATCH_SIZES if allowed(b)], args.device_batch_size_off_cuda
-        if self.device.type != "cuda" or not candidates:  # (with no candidate, the stage's own check explains)
-            chosen = next((b for b in candidates if b <= default), default)
+        if not candidates:  # the stage's own check will say why
+            return default
+        if self.device.type != "cuda":
+            chosen = next((b for b in candidates if b <= default), candidates[-1])
             print0(f"device batch size: {chosen} (auto off CUDA: the largest that splits the step, up to {default})")
             return chosen
         total = torch.cuda.get_device_properties(self.device).total_memory
-        reserve = optimizer_state_bytes(self.optimizers) + total // 20
+        reserve = sum(opt.state_bytes() for opt in self.optimizers) + total // 20  # (no state exists before step 1)
         found, too_big = largest_fitting_batch_size(self.train_model, candidates, seq_len, self.device, reserve)
         chosen = torch.tensor([found or 0], device=self.device)
         if dist.is_available() and dist.is_initialized():
@@ -288,6 +286,10 @@ class Trainer:
         """Train until num_iterations (or a stop request), `grad_accum` micro-batches a step;
         returns the loop state."""
         args, muon = self.args, self.optimizers[-1]
+        if args.run != "dummy" and self.rank == 0:
+            import wandb
+
+            self.wandb = wandb.init(project="nanochat", name=args.run, config=vars(args))
         stop, peak, start_step = StopRequest(), peak_flops(self.device), self.step
         flops_per_token = self.model.estimate_flops()
         while True:

@@ -18,7 +18,7 @@ from nanochat.training import parse_args
 
 parser = argparse.ArgumentParser(description="Evaluate a base model's bits per byte.")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
-parser.add_argument("--device_batch_size", type=int, default=32)
+parser.add_argument("--device_batch_size", type=int, default=8, help="sequences per rank per forward (the tokens evaluated do not depend on it)")
 parser.add_argument("--split_tokens", type=int, default=-1, help="tokens per split (-1: the --eval_tokens training used)")
 parser.add_argument("--model_tag", default=None, help="default: the newest base model")
 parser.add_argument("--step", type=int, default=None, help="default: the last saved step")

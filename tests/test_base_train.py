@@ -18,7 +18,7 @@ from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import AUTO_BATCH_SIZES, largest_fitting_batch_size, optimizer_state_bytes
+from nanochat.training import AUTO_BATCH_SIZES, largest_fitting_batch_size
 
 TINY = ["--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
         "--eval_tokens=256", "--sample_every=0", "--core_metric_every=-1"]
@@ -187,7 +187,7 @@ def test_auto_batch_size_takes_the_largest_that_fits_and_leaves_nothing_behind()
     # the optimizer state the probe keeps room for: AdamW's two moments and Muon's momentum, in float32
     adamw, muon = model.setup_optimizers()
     embeddings = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
-    assert optimizer_state_bytes([adamw, muon]) == 8 * embeddings + 4 * (model.num_params() - embeddings)
+    assert adamw.state_bytes() == 8 * embeddings and muon.state_bytes() == 4 * (model.num_params() - embeddings)
 
 
 def test_device_batch_size_auto_and_accumulation_train_the_same_model(pretrain_env):

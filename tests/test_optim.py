@@ -166,12 +166,14 @@ BRANCHES_SCRIPT = textwrap.dedent("""
         params = [torch.randn(s, requires_grad=True) for s in ADAMW_SHAPES + MUON_SHAPES]
         initial = [p.detach().clone() for p in params]
         optimizers = [AdamW(params[:2], lr=0.01, weight_decay=0.1), Muon(params[2:], lr=0.02)]
-        norms = []
+        norms, expected_state = [], [opt.state_bytes() for opt in optimizers]
         for step in range(3):
             for i, p in enumerate(params):
                 p.grad = gradient(step, i)
             norms.append(step_optimizers(optimizers, grad_clip=1.0))  # clipping is active: norms are ~4
-        return {"initial": initial, "params": [p.detach() for p in params], "norms": norms}
+        state = [sum(t.nbytes for s in opt.state.values() for t in s.values() if t.ndim) for opt in optimizers]
+        return {"initial": initial, "params": [p.detach() for p in params], "norms": norms,
+                "state_bytes": (expected_state, state)}
 
     if sys.argv[1] == "ddp":
         _, rank, _, world, _ = compute_init("cpu")
@@ -184,6 +186,10 @@ BRANCHES_SCRIPT = textwrap.dedent("""
 
 def test_replicated_and_padded_optimizer_branches_two_ranks_equal_one_process(tmp_path):
     single, ranks = single_and_ranks(tmp_path, BRANCHES_SCRIPT)
+    for r in [single] + ranks:  # the state each rank holds, as predicted before it existed
+        assert r["state_bytes"][0] == r["state_bytes"][1]
+    muon_state = [r["state_bytes"][1][1] for r in [single] + ranks]
+    assert muon_state[1] + muon_state[2] == muon_state[0]  # Muon's momentum is split over the ranks, not copied
     for r in ranks:
         assert np.allclose(r["norms"], single["norms"], rtol=1e-5)  # a replicated gradient counted once
         for i, (a, b) in enumerate(zip(single["params"], r["params"])):
