@@ -42,16 +42,22 @@ def reply_budget(engine, prompt, max_tokens):
     return min(max_tokens, engine.model.config.sequence_len - len(prompt))
 
 
-def sample_replies(engine, conversation, num_samples, max_tokens, temperature, top_k, seed):
-    """(sequences, masks, texts) of num_samples replies sampled to a conversation (sequences start
-    with the prompt; texts are the decoded replies); all empty if the prompt fills the context."""
-    prompt = engine.tokenizer.render_for_completion(conversation)
-    budget = reply_budget(engine, prompt, max_tokens)
-    if budget < 1:
-        return [], [], []
-    sequences, masks = engine.generate_batch(prompt, num_samples, max_tokens=budget, temperature=temperature,
-                                             top_k=top_k, seed=seed)
-    return sequences, masks, [engine.tokenizer.decode(s[len(prompt):]) for s in sequences]
+def sample_replies(engine, conversations, num_samples, max_tokens, temperature, top_k, seed, batch_rows=None):
+    """For each conversation, (sequences, masks, texts) of num_samples replies (sequences start with
+    the prompt; texts are the decoded replies); all empty for one whose prompt fills the context.
+    The engine samples batch_rows rows at a time (default: every row at once), whole
+    conversations to a batch; batch b is seeded with seed + b."""
+    prompts = [engine.tokenizer.render_for_completion(c) for c in conversations]
+    fitting = [i for i, p in enumerate(prompts) if reply_budget(engine, p, max_tokens) >= 1]
+    per_batch = max(1, (batch_rows or len(fitting) * num_samples) // num_samples)
+    results = [([], [], [])] * len(conversations)
+    for b in range(0, len(fitting), per_batch):
+        chunk = fitting[b : b + per_batch]
+        generated = engine.generate_many([prompts[i] for i in chunk], num_samples, max_tokens=max_tokens,
+                                         temperature=temperature, top_k=top_k, seed=seed + b)
+        for i, (sequences, masks) in zip(chunk, generated):
+            results[i] = (sequences, masks, [engine.tokenizer.decode(s[len(prompts[i]):]) for s in sequences])
+    return results
 
 
 def stream_reply(engine, prompt, max_tokens, temperature, top_k, seed):

@@ -78,15 +78,23 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # all keys/values so far
-        Tq, Tk = q.size(2), k.size(2)
-        if Tq == Tk:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # new queries see every cached position and, causally, each other
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        if kv_cache is None:
+            y = causal_attention(q, k, v)
+        else:  # the cache stores k and v, and attends over everything it holds
+            y = kv_cache.attend(self.layer_idx, q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def causal_attention(q, k, v):
+    """q's Tq positions are the last of k's Tk; each attends to the keys at and before it.
+    (B, heads, Tq, head_dim) over (B, kv_heads, Tk, head_dim)."""
+    Tq, Tk = q.size(2), k.size(2)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if Tq == 1:  # one new query sees every key: no mask to build
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -223,23 +231,35 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True):
+        """Logits (float32, soft-capped) of every position, or of the last only; with targets, the
+        loss. capped=False leaves out the soft cap, which keeps the logits' order: a sampler can cap
+        just the top k it keeps (see `sample`). A kv_cache has get_pos(), the position of idx's first token (an int shared by all
+        rows, or a tensor of one position per row when each row brings one token), and
+        attend(layer, q, k, v), which stores the new keys and values and returns the attention of
+        the new queries over everything it holds."""
         T = idx.size(1)
         pos = kv_cache.get_pos() if kv_cache is not None else 0
-        if pos + T > self.rotary_len:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than the rotary tables ({self.rotary_len})")
         dtype = self.compute_dtype
-        cos, sin = self.cos[:, pos : pos + T].to(dtype), self.sin[:, pos : pos + T].to(dtype)
+        if torch.is_tensor(pos):
+            cos, sin = self.cos[0, pos, None], self.sin[0, pos, None]  # (rows, 1, 1, head_dim)
+        elif pos + T > self.rotary_len:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than the rotary tables ({self.rotary_len})")
+        else:
+            cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
+        cos, sin = cos.to(dtype), sin.to(dtype)
         x = norm(self.transformer.wte(idx).to(dtype))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
-        x = norm(x)
+        x = norm(x[:, -1:] if last_only else x)
         if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
                 and dtype == torch.float32):
             return _ChunkedSoftcapCrossEntropy.apply(
                 x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size, self.SOFTCAP)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
-        logits = torch.tanh(logits * (1 / self.SOFTCAP)) * self.SOFTCAP
+        if not capped:
+            return logits
+        logits = softcap(logits, self.SOFTCAP)
         if targets is None:
             return logits
         logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
@@ -260,12 +280,25 @@ class GPT(nn.Module):
             yield next_id.item()
 
 
-def sample(logits, rng, temperature, top_k=None):
-    """One token per row of (rows, vocab) logits: argmax at temperature 0, else softmax sampling
-    (optionally among the top k)."""
+def softcap(logits, cap):
+    """cap * tanh(logits / cap): bounded, smooth, order-preserving."""
+    return torch.tanh(logits * (1 / cap)) * cap
+
+
+def sample(logits, rng, temperature, top_k=None, cap=None):
+    """One token per row of (rows, vocab) logits: argmax at temperature 0, else a draw from
+    softmax(logits / temperature), among the top k if given. With `cap`, the logits come uncapped
+    and the soft cap is applied here, after the top-k cut (it keeps their order), to k per row
+    instead of the whole vocabulary. The draw inverts the distribution's CDF at one uniform
+    number per row (torch.multinomial draws one per vocabulary entry)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng).squeeze(-1)
+    ids = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k, dim=-1, sorted=False)  # (the CDF needs no order)
+    if cap is not None:
+        logits = softcap(logits, cap)
+    cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
+    u = torch.rand(logits.size(0), 1, generator=rng, device=logits.device) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1)  # first entry whose CDF passes u
+    return (choice if ids is None else ids.gather(-1, choice))[:, 0]

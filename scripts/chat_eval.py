@@ -48,6 +48,7 @@ parser.add_argument("-m", "--max_new_tokens", type=int, default=512)
 parser.add_argument("-n", "--num_samples", type=int, default=1)
 parser.add_argument("-k", "--top_k", type=int, default=50)
 parser.add_argument("-b", "--batch_size", type=int, default=8, help="questions per forward (categorical tasks)")
+parser.add_argument("--sample_batch_size", type=int, default=256, help="rows sampled at once, problems x samples (generative tasks)")
 parser.add_argument("-g", "--model_tag", default=None)
 parser.add_argument("-s", "--step", type=int, default=None)
 parser.add_argument("-x", "--max_problems", type=int, default=None, help="evaluate at most this many problems per task")
@@ -81,14 +82,13 @@ def letter_token(tokenizer, letter):
 
 
 def run_generative(engine, task, indices, args):
-    """Problems among task[i] for i in indices that at least one of num_samples answers solves."""
-    solved = 0
-    for i in indices:
-        conversation = task[i]
-        _, _, replies = sample_replies(engine, conversation, args.num_samples, args.max_new_tokens, args.temperature,
-                                       args.top_k, seed=i)
-        solved += any(task.evaluate(conversation, reply) for reply in replies)  # none: the question fills the context
-    return solved
+    """Problems among task[i] for i in indices that at least one of num_samples answers solves,
+    sampled --sample_batch_size rows (problems x samples) at a time."""
+    conversations = [task[i] for i in indices]
+    replies = sample_replies(engine, conversations, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                             seed=indices[0] if indices else 0, batch_rows=args.sample_batch_size)
+    # (no replies: the question fills the context)
+    return sum(any(task.evaluate(c, text) for text in texts) for c, (_, _, texts) in zip(conversations, replies))
 
 
 def task_accuracy(task, engine, device, batch_size, args=None, max_problems=None, rank=0, world_size=1):
@@ -112,8 +112,8 @@ def main():
     names = args.task_name.split("|") if args.task_name else list(TASKS)
     if unknown := [n for n in names if n not in TASKS]:
         parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(TASKS)}")
-    if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
-        parser.error("need -n, -b, -m >= 1 and -t >= 0")
+    if min(args.num_samples, args.batch_size, args.max_new_tokens, args.sample_batch_size) < 1 or args.temperature < 0:
+        parser.error("need -n, -b, -m, --sample_batch_size >= 1 and -t >= 0")
     _, rank, _, world_size, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)

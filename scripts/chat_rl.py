@@ -34,17 +34,19 @@ parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--top_k", type=int, default=50)
 parser.add_argument("--eval_examples", type=int, default=400, help="GSM8K test problems per evaluation")
 parser.add_argument("--eval_k", type=int, default=4, help="samples per problem for pass@k")
+parser.add_argument("--rollout_batch_size", type=int, default=-1,
+                    help="rows (problems x samples) the engine samples at once (-1: a rank's rows of one step)")
 
 
-def rollout_batches(engine, task, indices, args, batch_size, seed):
-    """Sample answers to task[i] for i in indices; returns (micro-batches of batch_size rows of
-    (inputs, targets, advantages), rewards). Targets are -1 where nothing was sampled: prompt, tool
-    output, padding."""
+def rollout_batches(engine, task, indices, args, batch_size, rollout_rows, seed):
+    """Sample answers to task[i] for i in indices, rollout_rows rows at a time; returns
+    (micro-batches of batch_size rows of (inputs, targets, advantages), rewards). Targets are -1
+    where nothing was sampled: prompt, tool output, padding."""
     rows, rewards = [], []
-    for i in indices:
-        conversation = task[i]
-        sequences, masks, replies = sample_replies(engine, conversation, args.num_samples, args.max_new_tokens,
-                                                   args.temperature, args.top_k, seed=seed + i)
+    conversations = [task[i] for i in indices]
+    sampled = sample_replies(engine, conversations, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                             seed, batch_rows=rollout_rows)
+    for conversation, (sequences, masks, replies) in zip(conversations, sampled):
         if not replies:  # the prompt fills the context
             continue
         scores = [task.reward(conversation, reply) for reply in replies]
@@ -71,13 +73,13 @@ def policy_gradient_loss(model, x, y, advantages, num_tokens):
 
 
 @torch.no_grad()
-def pass_at_k(engine, task, args, device, rank, world_size):
+def pass_at_k(engine, task, args, rollout_rows, device, rank, world_size):
     """(pass@1, pass@k) on the first --eval_examples problems, k = --eval_k samples each."""
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # sum of per-problem pass@1, solved, problems
-    for i in range(rank, min(args.eval_examples, len(task)), world_size):
-        conversation = task[i]
-        _, _, replies = sample_replies(engine, conversation, args.eval_k, args.max_new_tokens, args.temperature,
-                                       args.top_k, seed=i)
+    conversations = [task[i] for i in range(rank, min(args.eval_examples, len(task)), world_size)]
+    sampled = sample_replies(engine, conversations, args.eval_k, args.max_new_tokens, args.temperature, args.top_k,
+                             seed=rank, batch_rows=rollout_rows)
+    for conversation, (_, _, replies) in zip(conversations, sampled):
         correct = [task.evaluate(conversation, reply) for reply in replies] or [0]  # none: the prompt fills the context
         counts += torch.tensor([sum(correct) / len(correct), any(correct), 1], dtype=torch.float64, device=device)
     if world_size > 1:
@@ -105,8 +107,10 @@ def main():
     B = trainer.device_batch_size(min(model.config.sequence_len, longest_prompt + args.max_new_tokens))
     per_rank = args.examples_per_step // world_size
     grad_accum = -(-per_rank * args.num_samples // B)  # micro-batches per step (ceil)
+    rollout_rows = args.rollout_batch_size if args.rollout_batch_size > 0 else per_rank * args.num_samples
     print0(f"{len(train):,} problems, {args.examples_per_step} per step x {args.num_samples} samples; "
-           f"training {num_iterations:,} steps, {grad_accum} micro-batches per rank per step")
+           f"training {num_iterations:,} steps, {grad_accum} micro-batches per rank per step, "
+           f"sampling {rollout_rows} rows at a time")
     engine = Engine(model, tokenizer)
     trainer.resume()  # the problems and sampling seeds of a step follow from the step number alone
 
@@ -116,7 +120,7 @@ def main():
         if not queue:  # a new step: sample this rank's problems
             first = trainer.step * args.examples_per_step
             indices = [(first + j) % len(train) for j in range(rank, args.examples_per_step, world_size)]
-            batches, rewards = rollout_batches(engine, train, indices, args, B, seed=1_000_003 * trainer.step)
+            batches, rewards = rollout_batches(engine, train, indices, args, B, rollout_rows, seed=1_000_003 * trainer.step)
             batches += [empty_batch(tokenizer.get_bos_token_id())] * (grad_accum - len(batches))
             counts = torch.tensor([sum(int((y >= 0).sum()) for _, y, _ in batches), sum(rewards), len(rewards)],
                                   dtype=torch.float64, device=device)
@@ -134,7 +138,7 @@ def main():
     def evaluate(step, last):
         if not trainer.due(args.eval_every, last):
             return {}
-        p1, pk = pass_at_k(engine, test, args, device, rank, world_size)
+        p1, pk = pass_at_k(engine, test, args, rollout_rows, device, rank, world_size)
         trainer.loop.update({"pass@1": p1, f"pass@{args.eval_k}": pk})
         print0(f"step {step:05d} | GSM8K pass@1: {p1:.4f} | pass@{args.eval_k}: {pk:.4f}")
         return {"gsm8k/pass@1": p1, f"gsm8k/pass@{args.eval_k}": pk}

@@ -72,7 +72,8 @@ def test_bf16_engine_decodes_batches_with_a_bf16_cache(chat_env, monkeypatch):
     tok = get_tokenizer()
     model = gqa_model(tok.get_vocab_size(), monkeypatch, "bfloat16").eval()
     engine = Engine(model, tok)
-    assert engine._cache(1, 4).k.dtype == torch.bfloat16
+    cache, _ = engine._decoder(1, 3, 8, 4)
+    assert cache.prompt_k.dtype == cache.reply_k.dtype == torch.bfloat16
     prompt = tok.encode("The quick brown fox", prepend="<|bos|>")
     rows, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=16, temperature=0)
     assert rows[0] == rows[1] == rows[2] and len(rows[0]) > len(prompt)

@@ -97,10 +97,10 @@ class ScriptedEngine:
         self.tokenizer, self.answers, self.forced_at = tokenizer, answers, forced_at
         self.model = type("M", (), {"config": type("C", (), {"sequence_len": 1000})})()
 
-    def generate_batch(self, prompt, num_samples, **kwargs):
-        seqs = [prompt + a for a in self.answers[:num_samples]]
-        masks = [[0] * len(prompt) + [0 if j == self.forced_at else 1 for j in range(len(a))] for a in self.answers[:num_samples]]
-        return seqs, masks
+    def generate_many(self, prompts, num_samples, **kwargs):
+        answers = self.answers[:num_samples]
+        return [([p + a for a in answers], [[0] * len(p) + [0 if j == self.forced_at else 1 for j in range(len(a))]
+                                            for a in answers]) for p in prompts]
 
 
 class RewardTask:
@@ -118,7 +118,7 @@ def test_rl_advantages_masks_and_normalisation(chat_env):
     answers = [tok.encode("yes indeed"), tok.encode("no way"), tok.encode("yes"), tok.encode("nope nope")]
     engine = ScriptedEngine(tok, answers, forced_at=1)
     args = type("A", (), {"max_new_tokens": 50, "num_samples": 4, "temperature": 1.0, "top_k": 50})()
-    batches, rewards = rollout_batches(engine, RewardTask(), [0], args, batch_size=3, seed=0)
+    batches, rewards = rollout_batches(engine, RewardTask(), [0], args, batch_size=3, rollout_rows=None, seed=0)
     assert rewards == [1.0, 0.0, 1.0, 0.0]
     assert [len(b[0]) for b in batches] == [3, 1]
     advantages = torch.cat([b[2] for b in batches])
@@ -141,6 +141,27 @@ def test_rl_advantages_masks_and_normalisation(chat_env):
                 if y[r, t] >= 0:
                     by_hand -= a[r].item() * logp[r, t, y[r, t]].item()
     assert abs(total.item() - by_hand / num_tokens) < 1e-5
+
+
+def test_batched_rollouts_equal_one_problem_at_a_time(chat_env, shared_mirror, monkeypatch):
+    """Greedy RL rollouts of 6 GSM8K problems sampled all at once, or one problem per batch: the
+    same micro-batches (rows, targets, advantages) and rewards, so the same losses."""
+    monkeypatch.setenv("NANOCHAT_MIRROR", shared_mirror)
+    from nanochat.engine import Engine
+    from tasks.gsm8k import GSM8K
+
+    tok = get_tokenizer()
+    model = tiny_model(tok.get_vocab_size(), seq_len=512).eval()
+    engine, task = Engine(model, tok), GSM8K("test")
+    args = type("A", (), {"max_new_tokens": 16, "num_samples": 2, "temperature": 0.0, "top_k": 50})()
+    indices = [3, 1, 4, 15, 9, 2]
+    together = rollout_batches(engine, task, indices, args, batch_size=5, rollout_rows=None, seed=0)
+    one_by_one = rollout_batches(engine, task, indices, args, batch_size=5, rollout_rows=2, seed=0)
+    assert together[1] == one_by_one[1]
+    assert len(together[0]) == len(one_by_one[0]) == 3  # 12 rows in micro-batches of 5
+    for (x1, y1, a1), (x2, y2, a2) in zip(together[0], one_by_one[0]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(a1, a2)
+    assert (together[0][0][1] >= 0).sum() > 0  # the sampled tokens are targets
 
 
 def test_one_rl_step_raises_the_rewarded_sample(chat_env):

@@ -35,35 +35,73 @@ def model(tok, request):
     return m.eval()
 
 
+def reference(model, tok, ids, max_tokens):
+    """Greedy decoding without a cache, cut at the first stop token."""
+    tokens = list(model.generate(ids, max_tokens, temperature=0))
+    stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
 @pytest.mark.parametrize("prompt", ["The quick", "12 * 7 =", "dog"])
 def test_greedy_engine_equals_cache_free_generate(model, tok, prompt):
     ids = tok.encode(prompt, prepend="<|bos|>")
-    reference = list(model.generate(ids, 20, temperature=0))
-    stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
-    cut = next((i for i, t in enumerate(reference) if t in stops), len(reference))
     rows, _ = Engine(model, tok).generate_batch(ids, num_samples=3, max_tokens=20, temperature=0)
     for row in rows:  # every row of the batch, decoded with the cache, matches
-        assert row[len(ids):] == reference[:cut]
+        assert row[len(ids):] == reference(model, tok, ids, 20)
+
+
+def test_greedy_batch_of_mixed_prompts_equals_each_alone(model, tok):
+    texts = ["The quick brown fox jumps over", "12", "lazy dog. 12 * 7 =", "The quick", "fox jumps over the lazy dog. The"]
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in texts]
+    assert len(set(map(len, prompts))) == len(prompts)  # all lengths differ
+    engine = Engine(model, tok)
+    together = engine.generate_many(prompts, num_samples=2, max_tokens=24, temperature=0)
+    for prompt, (sequences, masks) in zip(prompts, together):
+        alone, alone_masks = engine.generate_batch(prompt, num_samples=1, max_tokens=24, temperature=0)
+        assert sequences == alone * 2 and masks == alone_masks * 2
+        assert sequences[0][len(prompt):] == reference(model, tok, prompt, 24)
+        assert masks[0] == [0] * len(prompt) + [1] * (len(sequences[0]) - len(prompt))
 
 
 def test_sampling_rows_differ_and_seeds_reproduce(model, tok):
     engine = Engine(model, tok)
-    ids = tok.encode("The", prepend="<|bos|>")
-    a, _ = engine.generate_batch(ids, num_samples=4, max_tokens=12, temperature=1.0, seed=1)
-    b, _ = engine.generate_batch(ids, num_samples=4, max_tokens=12, temperature=1.0, seed=1)
-    c, _ = engine.generate_batch(ids, num_samples=4, max_tokens=12, temperature=1.0, seed=2)
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("The", "The quick brown")]
+    a = engine.generate_many(prompts, num_samples=4, max_tokens=12, temperature=1.0, seed=1)
+    b = engine.generate_many(prompts, num_samples=4, max_tokens=12, temperature=1.0, seed=1)
+    c = engine.generate_many(prompts, num_samples=4, max_tokens=12, temperature=1.0, seed=2)
     assert a == b and a != c
-    assert len({tuple(r) for r in a}) > 1  # rows sample independently, the first token included
+    assert all(len({tuple(r) for r in sequences}) > 1 for sequences, _ in a)  # rows sample independently, from the first token
 
 
-def test_kv_cache_grows_past_its_preallocation(model, tok):
-    ids = tok.encode("The quick brown", prepend="<|bos|>")
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static (CUDA graph) layout"])
+def test_rows_at_their_own_positions_match_the_full_forward(model, static):
+    """Three prompts of different lengths, two rows each, prefilled once per prompt, then decoded a
+    token per row per step (different tokens in every row): each step's logits are those of the
+    row's whole sequence so far, computed without a cache."""
     c = model.config
-    cache = KVCache(1, c.n_kv_head, 2, c.n_embd // c.n_head, c.n_layer, "cpu")  # room for 2 positions only
+    prompts = [torch.randint(0, c.vocab_size, (n,)).tolist() for n in (3, 9, 6)]
+    cache = KVCache(3, 2, 12, 10, model, static=static)  # room for 12 prompt tokens, 10 reply tokens
+    cache.start([len(p) for p in prompts])
+    seqs = [p for p in prompts for _ in range(2)]
     with torch.inference_mode():
-        logits = model(torch.tensor([ids]), kv_cache=cache)
-        full = model(torch.tensor([ids]))
-    assert cache.get_pos() == len(ids) and torch.allclose(logits, full, atol=1e-5)
+        logits = torch.cat([cache.prefill(model, p, i).expand(2, -1) for i, p in enumerate(prompts)])
+        for _ in range(8):
+            for r, s in enumerate(seqs):
+                assert torch.allclose(logits[r], model(torch.tensor([s]), capped=False)[0, -1], atol=1e-4)
+            new = torch.randint(0, c.vocab_size, (6,))
+            logits = model(new[:, None], kv_cache=cache, capped=False)[:, -1]
+            seqs = [s + [t] for s, t in zip(seqs, new.tolist())]
+    assert cache.get_pos().tolist() == [len(s) for s in seqs]
+
+
+def test_long_prompts_and_budgets_past_the_context(model, tok):
+    engine = Engine(model, tok)
+    context = model.config.sequence_len
+    with pytest.raises(ValueError, match=f"a prompt of {context} tokens leaves no room in the model's {context}-token context"):
+        engine.generate_many([[1] * 5, [1] * context], max_tokens=4)
+    (sequences, _), = engine.generate_many([[1] * (context - 3)], num_samples=2, max_tokens=100, temperature=0)
+    assert all(len(s) <= context for s in sequences)  # a clean stop at the context's end
+    assert engine.generate_batch([1] * 5, max_tokens=0) == ([[1] * 5], [[0] * 5])
 
 
 class ScriptedModel(torch.nn.Module):
@@ -76,10 +114,12 @@ class ScriptedModel(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.compute_dtype = torch.float32
 
-    def forward(self, ids, kv_cache=None):
+    SOFTCAP = 15.0
+
+    def forward(self, ids, kv_cache=None, last_only=False, capped=True):
         token = self.script[min(self.calls, len(self.script) - 1)]
         self.calls += 1
-        logits = torch.full((ids.size(0), ids.size(1), self.config.vocab_size), -1e9)
+        logits = torch.full((ids.size(0), 1 if last_only else ids.size(1), self.config.vocab_size), -1e9)
         logits[:, :, token] = 0
         return logits
 
@@ -97,6 +137,45 @@ def test_tool_use_forces_the_calculator_output(tok):
     assert tokens == expected
     assert masks == [1] * (len(expression) + 2) + [0] * len(forced) + [1]
     assert all(t[0] == t[1] for t, _ in steps)  # both rows
+
+
+class MarkovModel(torch.nn.Module):
+    """Its next token is a fixed function of the last one it was fed (`follows`), so rows with
+    different prompts take different paths through one batch."""
+
+    def __init__(self, follows, vocab_size, filler):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.next = torch.full((vocab_size,), filler)
+        for a, b in follows.items():
+            self.next[a] = b
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.compute_dtype = torch.float32
+
+    SOFTCAP = 15.0
+
+    def forward(self, ids, kv_cache=None, last_only=False, capped=True):
+        ids = ids[:, -1:] if last_only else ids
+        return torch.nn.functional.one_hot(self.next[ids], self.config.vocab_size).float() * 1e4
+
+
+def test_tool_output_is_forced_per_row(tok):
+    """One row calls the calculator while the others write text and stop at different steps."""
+    s = tok.encode_special
+    call = [s("<|python_start|>"), *tok.encode("6*7"), s("<|python_end|>")]
+    words = tok.encode(" the quick brown fox")
+    a, b, c = tok.encode("A")[0], tok.encode("B")[0], tok.encode("C")[0]
+    assert len(set(call + words + [a, b, c])) == len(call + words) + 3  # each token leads one way
+    follows = {a: call[0], **dict(zip(call, call[1:])), s("<|output_end|>"): s("<|assistant_end|>"),
+               b: words[0], **dict(zip(words, words[1:])), words[-1]: s("<|assistant_end|>"), c: s("<|bos|>")}
+    engine = Engine(MarkovModel(follows, tok.get_vocab_size(), filler=words[0]), tok)
+    prompts = [[s("<|bos|>"), a], [s("<|bos|>"), s("<|user_start|>"), b], [c]]
+    (calc, calc_masks), (text, text_masks), (empty, empty_masks) = engine.generate_many(prompts, num_samples=2, max_tokens=40, temperature=0)
+    forced = [s("<|output_start|>"), *tok.encode("42"), s("<|output_end|>")]
+    assert calc == [prompts[0] + call + forced] * 2
+    assert calc_masks == [[0] * 2 + [1] * len(call) + [0] * len(forced)] * 2
+    assert text == [prompts[1] + words] * 2 and text_masks == [[0] * 3 + [1] * len(words)] * 2
+    assert empty == [[c]] * 2 and empty_masks == [[0]] * 2
 
 
 @pytest.mark.parametrize("expression, expected", [

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, apply_rotary, config_for_depth, norm
+from nanochat.gpt import GPT, GPTConfig, apply_rotary, causal_attention, config_for_depth, norm
 from nanochat.optim import step_optimizers
 
 
@@ -55,7 +55,8 @@ def test_logits_are_cropped_and_ignored_targets_do_not_count():
 
 
 class TinyKVCache:
-    """The KV-cache protocol the model expects: insert_kv(layer, k, v) -> all k, v; get_pos()."""
+    """The KV-cache protocol the model expects: get_pos(), and attend(layer, q, k, v), which keeps
+    k and v and attends over all of them."""
 
     def __init__(self, n_layer):
         self.k, self.v, self.pos, self.n_layer = [None] * n_layer, [None] * n_layer, 0, n_layer
@@ -63,12 +64,12 @@ class TinyKVCache:
     def get_pos(self):
         return self.pos
 
-    def insert_kv(self, layer, k, v):
+    def attend(self, layer, q, k, v):
         self.k[layer] = k if self.k[layer] is None else torch.cat([self.k[layer], k], dim=2)
         self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], dim=2)
         if layer == self.n_layer - 1:
             self.pos += k.size(2)
-        return self.k[layer], self.v[layer]
+        return causal_attention(q, self.k[layer], self.v[layer])
 
 
 # Heads of 128 dims (the depth dial's), and narrower heads: 4 query heads sharing 2 or 1 key/value heads.
