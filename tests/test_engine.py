@@ -63,6 +63,17 @@ def test_greedy_batch_of_mixed_prompts_equals_each_alone(model, tok):
         assert masks[0] == [0] * len(prompt) + [1] * (len(sequences[0]) - len(prompt))
 
 
+def test_each_prompt_its_own_number_of_samples(model, tok):
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("The quick", "12 * 7 =", "dog")]
+    engine = Engine(model, tok)
+    results = engine.generate_many(prompts, num_samples=[1, 3, 2], max_tokens=10, temperature=0)
+    assert [len(sequences) for sequences, _ in results] == [1, 3, 2]
+    for prompt, (sequences, _) in zip(prompts, results):
+        assert all(s[len(prompt):] == reference(model, tok, prompt, 10) for s in sequences)
+    with pytest.raises(ValueError, match="num_samples must be at least 1 for each prompt"):
+        engine.generate_many(prompts, num_samples=[1, 0, 2])
+
+
 def test_sampling_rows_differ_and_seeds_reproduce(model, tok):
     engine = Engine(model, tok)
     prompts = [tok.encode(t, prepend="<|bos|>") for t in ("The", "The quick brown")]
