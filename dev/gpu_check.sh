@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every stage of the pipeline on a CUDA machine, small, in under 8 minutes on one H100/H200
-# (compilation included): data, tokenizer, base training (a d12 model, compiled, bf16, batch size
+# (compilation included): the engine's exactness tests on the GPU (CUDA graphs), data, tokenizer,
+# base training (a d12 model, compiled, bf16, batch size
 # found automatically), base loss, CORE, midtraining, all six chat evals, SFT, two RL steps,
 # chat_cli and one streamed chat_web answer. With several GPUs every stage runs on all of them.
 #
@@ -92,6 +93,9 @@ EOF
 )
 
 echo "gpu check: $NPROC process(es), artifacts in $NANOCHAT_BASE_DIR"
+TEST_DEVICE=$([ "${GPU_CHECK_ON_CPU:-0}" = 1 ] && echo cpu || echo cuda)
+check engine '[0-9]+ passed' env NANOCHAT_TEST_DEVICE="$TEST_DEVICE" NANOCHAT_DTYPE=float32 \
+    python -m pytest -q -p no:cacheprovider tests/test_engine.py
 check data '[0-9]+ fetched' python -m nanochat.dataset -n "$NUM_SHARDS"
 check tokenizer 'trained on [0-9,]+ characters' python -m scripts.tok_train --max_chars="$TOK_CHARS" --vocab_size="$VOCAB"
 check base-train 'tok/sec: [0-9,]+ \| mfu: [^ ]+' "${RUN[@]}" -m scripts.base_train -- --depth="$DEPTH" "${TAG[@]}" \

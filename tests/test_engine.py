@@ -1,4 +1,9 @@
-"""The inference engine: exact against the cache-free reference, sampling, the calculator tool."""
+"""The inference engine: exact against the cache-free reference, sampling, the calculator tool.
+
+The GPT-based tests run on NANOCHAT_TEST_DEVICE (default cpu): dev/gpu_check.sh runs them on CUDA
+too, where decoding goes through CUDA graphs."""
+
+import os
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ from nanochat.gpt import GPT, GPTConfig, config_for_depth
 from nanochat.tokenizer import RustBPETokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. 12 * 7 = 84. " * 20
+DEVICE = os.environ.get("NANOCHAT_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +31,7 @@ def model(tok, request):
         else:
             n_head, n_kv_head = request.param
             m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128))
-    m.to_empty(device="cpu")
+    m.to_empty(device=DEVICE)
     m.init_weights()
     with torch.no_grad():
         m.lm_head.weight.normal_(std=0.5)  # a random init that is not near-uniform
@@ -98,8 +104,8 @@ def test_rows_at_their_own_positions_match_the_full_forward(model, static):
         logits = torch.cat([cache.prefill(model, p, i).expand(2, -1) for i, p in enumerate(prompts)])
         for _ in range(8):
             for r, s in enumerate(seqs):
-                assert torch.allclose(logits[r], model(torch.tensor([s]), capped=False)[0, -1], atol=1e-4)
-            new = torch.randint(0, c.vocab_size, (6,))
+                assert torch.allclose(logits[r], model(torch.tensor([s], device=DEVICE), capped=False)[0, -1], atol=1e-4)
+            new = torch.randint(0, c.vocab_size, (6,), device=DEVICE)
             logits = model(new[:, None], kv_cache=cache, capped=False)[:, -1]
             seqs = [s + [t] for s, t in zip(seqs, new.tolist())]
     assert cache.get_pos().tolist() == [len(s) for s in seqs]
