@@ -46,11 +46,11 @@ def sample_replies(engine, conversations, num_samples, max_tokens, temperature, 
     """For each conversation, (sequences, masks, texts) of num_samples replies (sequences start with
     the prompt; texts are the decoded replies); all empty for one whose prompt fills the context.
     The engine samples batch_rows rows at a time (default: every row at once), whole
-    conversations to a batch; batch b is seeded with seed + b."""
+    conversations to a batch; a batch is seeded with seed + the index of its first conversation."""
     prompts = [engine.tokenizer.render_for_completion(c) for c in conversations]
     fitting = [i for i, p in enumerate(prompts) if reply_budget(engine, p, max_tokens) >= 1]
     per_batch = max(1, (batch_rows or len(fitting) * num_samples) // num_samples)
-    results = [([], [], [])] * len(conversations)
+    results = [([], [], []) for _ in conversations]
     for b in range(0, len(fitting), per_batch):
         chunk = fitting[b : b + per_batch]
         generated = engine.generate_many([prompts[i] for i in chunk], num_samples, max_tokens=max_tokens,

@@ -16,19 +16,22 @@ rows decode together, one token each per step, each at its own position: row r's
 slot pos[r] and its query attends to slots 0..pos[r] (one key mask per step, shared by every layer;
 slots not yet written hold zeros, so masking them is exact). A row stops on its own, at
 <|assistant_end|> or <|bos|> or its budget (max_tokens, capped by the model's context); its later
-tokens are ignored, and the batch ends when every row has stopped.
+tokens are ignored, and the batch ends when every row has stopped. Greedy decoding gives a prompt
+the tokens it gets alone (exactly on CPU in float32; on a GPU, matmuls of other batch shapes may
+round differently and flip a near-tie). One Engine runs one batch at a time.
 
 Each step stays on the device: sampling, forcing tool output into a row, stop detection and
 recording. The host reads two flags per step (did a row just close a python call? has every row
 stopped?) and a row's tokens only when it must run the calculator for it. On CUDA the decode step
 (the forward of one token per row) is captured once as a CUDA graph and replayed, which removes
 the per-kernel launch cost that dominates small batches; elsewhere, or if capture fails, it runs
-eagerly. Greedy decoding gives each row exactly the tokens it would get alone.
+eagerly.
 """
 
 import ast
 import logging
 import operator
+import threading
 import time
 
 import torch
@@ -68,6 +71,8 @@ class KVCache:
         self.pos.copy_(lengths)
         self.t.zero_()
         self.steps = 0
+        self.prompt_v.zero_()  # masked slots get weight 0: their values must be finite, not an old batch's NaN
+        self.reply_v.zero_()
 
     def prefill(self, model, prompt, index):
         """Run prompt number `index` through the model once, keeping its keys and values; returns
@@ -117,7 +122,9 @@ def _prompt_and_reply_attention(q, prompt_k, prompt_v, prompt_mask, reply_k, rep
     by the `group` rows of a prompt: one matmul per prompt serves them all, instead of a copy per
     row) and its own reply's, with one softmax over both. Two masks: prompt_mask (rows, 1, 1,
     prompt slots), reply_mask (reply slots,) or None. Plain batched matmuls: SDPA's fused kernels
-    are made for many queries, and are several times slower than this for one, on CPU."""
+    are made for many queries, and are several times slower than this for one, on CPU. (In bf16
+    the scores are rounded to bf16 before the float32 softmax, where SDPA's GPU kernels keep them
+    in float32: a small loss of precision, not measured to matter yet.)"""
     rows, heads, _, dim = q.shape  # (keys as the left operand of the score matmuls: faster on CPU)
     prompts, kv_heads, prompt_len, _ = prompt_k.shape
     group, per_kv = rows // prompts, heads // kv_heads
@@ -236,6 +243,10 @@ class Engine:
         """(sequences, masks) of num_samples samples for one prompt."""
         return self.generate_many([tokens], num_samples, **kwargs)[0]
 
+    def release(self):
+        """Let go of the kept CUDA graph and its cache (chat_rl trains between rollouts)."""
+        self._graphed = None
+
     def _decoder(self, prompts, group, prompt_len, budget):
         """(cache, step): a cache for `prompts` prompts of `group` rows each, and the decode step
         (tokens (rows,) -> next-token logits before the soft cap (rows, vocab)) over it, CUDA-graphed on CUDA, where the
@@ -289,6 +300,8 @@ class _Batch:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if max_tokens is not None and max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         context = engine.model.config.sequence_len
         if (longest := max(map(len, prompts))) >= context:
             raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's {context}-token context")
@@ -299,9 +312,11 @@ class _Batch:
         rows = len(prompts) * group
         device = next(engine.model.parameters()).device
         self.rng = torch.Generator(device=device).manual_seed(seed)
-        self.cache, self.decode = engine._decoder(len(prompts), group, longest, max(budgets))
-        self.cache.start([len(p) for p in prompts])
-        self.logits = torch.cat([self.cache.prefill(engine.model, p, i).expand(group, -1) for i, p in enumerate(prompts)])
+        if max(budgets) > 0:  # (with nothing to generate, no model call at all)
+            self.cache, self.decode = engine._decoder(len(prompts), group, longest, max(budgets))
+            self.cache.start([len(p) for p in prompts])
+            self.logits = torch.cat([self.cache.prefill(engine.model, p, i).expand(group, -1)
+                                     for i, p in enumerate(prompts)])
         # Row r's reply is out[r, :end[r]]; end starts at its budget (0 if idle) and drops to where it stops.
         self.end = torch.tensor([b if j < n else 0 for b, n in zip(budgets, counts) for j in range(group)], device=device)
         self.out = torch.zeros(rows, max(budgets), dtype=torch.long, device=device)
@@ -345,23 +360,30 @@ class _Batch:
         return results
 
 
+_capture_lock = threading.Lock()  # one capture at a time: chat_web's replicas decode in threads
+
+
 class _CudaGraphStep:
     """A decode step captured once as a CUDA graph; each call replays every kernel of it at once.
+    Capture and replay happen on the cache's GPU, whatever the calling thread's current device.
     (Capturing runs the step's Python once: the cache's host-side step counter is not used in a
     static cache, and start() resets everything before the first real step.)"""
 
     def __init__(self, step, cache):
+        self.device = cache.pos.device
         self.tokens = torch.zeros_like(cache.pos)  # the graph's input and output live at fixed addresses
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # one run outside the graph: lazy initialisation, workspaces
-            step(self.tokens)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # recorded, not run
-            self.logits = step(self.tokens)
+        with _capture_lock, torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # one run outside the graph: lazy initialisation, workspaces
+                step(self.tokens)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):  # recorded, not run
+                self.logits = step(self.tokens)
 
     def __call__(self, tokens):
-        self.tokens.copy_(tokens)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.tokens.copy_(tokens)
+            self.graph.replay()
         return self.logits

@@ -258,6 +258,8 @@ class GPT(nn.Module):
                 x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size, self.SOFTCAP)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         if not capped:
+            if targets is not None:
+                raise ValueError("capped=False gives logits for sampling; a loss needs the capped ones")
             return logits
         logits = softcap(logits, self.SOFTCAP)
         if targets is None:

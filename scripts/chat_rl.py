@@ -120,7 +120,9 @@ def main():
         if not queue:  # a new step: sample this rank's problems
             first = trainer.step * args.examples_per_step
             indices = [(first + j) % len(train) for j in range(rank, args.examples_per_step, world_size)]
-            batches, rewards = rollout_batches(engine, train, indices, args, B, rollout_rows, seed=1_000_003 * trainer.step)
+            batches, rewards = rollout_batches(engine, train, indices, args, B, rollout_rows,
+                                               seed=1_000_003 * trainer.step + 7919 * rank)
+            engine.release()  # training needs the memory more
             batches += [empty_batch(tokenizer.get_bos_token_id())] * (grad_accum - len(batches))
             counts = torch.tensor([sum(int((y >= 0).sum()) for _, y, _ in batches), sum(rewards), len(rewards)],
                                   dtype=torch.float64, device=device)
@@ -139,6 +141,7 @@ def main():
         if not trainer.due(args.eval_every, last):
             return {}
         p1, pk = pass_at_k(engine, test, args, rollout_rows, device, rank, world_size)
+        engine.release()
         trainer.loop.update({"pass@1": p1, f"pass@{args.eval_k}": pk})
         print0(f"step {step:05d} | GSM8K pass@1: {p1:.4f} | pass@{args.eval_k}: {pk:.4f}")
         return {"gsm8k/pass@1": p1, f"gsm8k/pass@{args.eval_k}": pk}

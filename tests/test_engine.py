@@ -56,6 +56,18 @@ def test_greedy_engine_equals_cache_free_generate(model, tok, prompt):
         assert row[len(ids):] == reference(model, tok, ids, 20)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU: dev/gpu_check.sh runs this file there")
+def test_cuda_graphs_decode_as_the_eager_engine(model, tok):
+    from nanochat.engine import _CudaGraphStep
+
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("The quick brown fox jumps over", "12", "lazy dog.")]
+    graphed, eager = Engine(model, tok), Engine(model, tok, cuda_graphs=False)
+    for _ in range(2):  # the second batch reuses the captured graph and its cache
+        assert graphed.generate_many(prompts, 3, max_tokens=24, temperature=0) == \
+            eager.generate_many(prompts, 3, max_tokens=24, temperature=0)
+        assert isinstance(graphed._graphed[2], _CudaGraphStep)  # captured, not the eager fallback
+
+
 def test_greedy_batch_of_mixed_prompts_equals_each_alone(model, tok):
     texts = ["The quick brown fox jumps over", "12", "lazy dog. 12 * 7 =", "The quick", "fox jumps over the lazy dog. The"]
     prompts = [tok.encode(t, prepend="<|bos|>") for t in texts]
@@ -119,6 +131,8 @@ def test_long_prompts_and_budgets_past_the_context(model, tok):
     (sequences, _), = engine.generate_many([[1] * (context - 3)], num_samples=2, max_tokens=100, temperature=0)
     assert all(len(s) <= context for s in sequences)  # a clean stop at the context's end
     assert engine.generate_batch([1] * 5, max_tokens=0) == ([[1] * 5], [[0] * 5])
+    with pytest.raises(ValueError, match="max_tokens must be >= 0"):
+        engine.generate_batch([1] * 5, max_tokens=-1)
 
 
 class ScriptedModel(torch.nn.Module):
