@@ -122,10 +122,13 @@ def compute_init(device_type=None, seed=42):
 
 
 def compute_cleanup():
-    """Tear down the process group if compute_init made one."""
+    """Tear down the process group if compute_init made one. Ranks wait for each other first: one
+    tearing down gloo while another still talks to it can abort ("terminate called without an
+    active exception"), as chat_eval once did in CI."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
