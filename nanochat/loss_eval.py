@@ -1,7 +1,13 @@
-"""Bits per byte: the model's loss in a tokenizer-independent unit."""
+"""Bits per byte: the model's loss in a tokenizer-independent unit.
 
-# Evaluation reads few batches: a small packing buffer starts fast (and the val shard is small).
-EVAL_LOADER_KWARGS = dict(buffer_docs=128, tokenizer_batch=128)
+Validation scores whole documents in their order in the shard, BOS-separated and cut into
+consecutive windows of T + 1 tokens ("concat" packing, nothing dropped), so its number does not
+depend on how training packs rows: best-fit rows would score mostly the first T tokens of each
+document, which are easier than the rest. Every evaluation reads from the start of the split.
+"""
+
+# Whole documents in order; a small buffer starts fast (evaluation reads few batches).
+EVAL_LOADER_KWARGS = dict(packing="concat", buffer_docs=128, tokenizer_batch=128)
 
 import math
 

@@ -101,6 +101,33 @@ def test_base_loss_and_bpb_consistency(pretrain_env):
     assert abs(evaluate_bpb(model, iter([(x, y)]), 1, token_bytes) - by_hand) < 1e-5
 
 
+def test_validation_scores_whole_documents_in_order(pretrain_env):
+    """The val bpb that base_train and base_loss report is that of the val shard's documents read
+    in order, BOS-separated, cut into consecutive windows of T + 1 tokens: computed here by hand
+    from the parquet file, without the loader."""
+    import pyarrow.parquet as pq
+
+    from nanochat.dataset import list_parquet_files
+    from nanochat.loss_eval import EVAL_LOADER_KWARGS
+    from nanochat.tokenizer import get_tokenizer
+
+    tok, token_bytes = get_tokenizer(), get_token_bytes()
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(2, tok.get_vocab_size(), 64))
+    model.init_weights()
+    B, T, steps = 2, 64, 3
+    texts = pq.read_table(list_parquet_files()[-1]).column("text").to_pylist()[:50]
+    stream = [t for ids in tok.encode(texts, prepend="<|bos|>") for t in ids]
+    windows = torch.tensor(stream[: steps * B * (T + 1)]).view(steps * B, T + 1)
+    x, y = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        nats = model(x, y, loss_reduction="none").view(-1)
+    nbytes = token_bytes[y.reshape(-1)]
+    by_hand = nats[nbytes > 0].double().sum().item() / math.log(2) / nbytes.sum().item()
+    loader = tokenizing_distributed_data_loader(tok, B, T, "val", rank=0, world_size=1, **EVAL_LOADER_KWARGS)
+    assert abs(evaluate_bpb(model, loader, steps, token_bytes) - by_hand) < 1e-6
+
+
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(pretrain_env):
     with pytest.raises(FileNotFoundError, match="no base checkpoints|no checkpoints"):
         load_model("base", "cpu", model_tag="nonexistent")

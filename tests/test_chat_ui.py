@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, serve_chat
 
 ARTIFACTS = os.environ.get("NANOCHAT_TEST_ARTIFACTS", os.path.join(REPO, ".test_artifacts"))
 
@@ -24,6 +24,15 @@ def browser():
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def ui_server(chat_dir, tmp_path_factory):
+    """chat_web with answers of up to 1000 tokens (about 2-3 s on 2 CPU cores): long enough that
+    the browser sees every answer while it streams, however fast the engine (at 200 tokens a busy
+    browser could receive a whole answer in one read, and never show it streaming)."""
+    with serve_chat(chat_dir, tmp_path_factory.mktemp("chat_ui") / "server.log", "-n", "1", "-m", "1000") as url:
+        yield url
+
+
 def wait_idle(page):
     """Until the answer has finished streaming (the Stop button is Send again)."""
     page.wait_for_function("document.getElementById('send').textContent === 'Send'", timeout=60_000)
@@ -33,10 +42,10 @@ def bubbles(page, role):
     return page.locator(f".message.{role} .bubble").all_inner_texts()
 
 
-def test_chat_stream_regenerate_edit_and_new_chat(browser, chat_server):
+def test_chat_stream_regenerate_edit_and_new_chat(browser, ui_server):
     os.makedirs(ARTIFACTS, exist_ok=True)
     page = browser.new_page(viewport={"width": 1000, "height": 800})
-    page.goto(chat_server)
+    page.goto(ui_server)
     page.fill("#input", "Hello there!")
     page.keyboard.press("Enter")
     page.wait_for_selector(".message.streaming", timeout=30_000)  # the answer appears while it streams
@@ -70,9 +79,9 @@ def test_chat_stream_regenerate_edit_and_new_chat(browser, chat_server):
     page.close()
 
 
-def test_bad_request_shows_an_error_and_phone_width_fits(browser, chat_server):
+def test_bad_request_shows_an_error_and_phone_width_fits(browser, ui_server):
     page = browser.new_page(viewport={"width": 375, "height": 720})
-    page.goto(chat_server)
+    page.goto(ui_server)
     page.fill("#input", "x" * 8001)  # over the server's per-message limit
     page.click("#send")
     page.wait_for_selector(".message.error", timeout=30_000)
