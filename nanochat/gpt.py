@@ -91,8 +91,6 @@ def causal_attention(q, k, v):
     Tq, Tk = q.size(2), k.size(2)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if Tq == 1:  # one new query sees every key: no mask to build
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 

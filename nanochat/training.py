@@ -11,6 +11,7 @@ import gc
 import signal
 import sys
 import time
+
 import torch
 import torch.distributed as dist
 

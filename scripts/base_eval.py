@@ -9,7 +9,6 @@ import argparse
 import csv
 import os
 
-
 from nanochat.checkpoint_manager import find_model_tag, load_model
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, setup_default_logging
 from nanochat.core_eval import evaluate_core

@@ -7,7 +7,6 @@ Bits per byte of a base model on the train and val splits, plus a few greedy sam
 
 import argparse
 
-
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
 from nanochat.dataloader import tokenizing_distributed_data_loader
