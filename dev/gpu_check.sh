@@ -2,7 +2,7 @@
 # Every stage of the pipeline on a CUDA machine, small, in under 8 minutes on one H100/H200
 # (compilation included): the engine's exactness tests on the GPU (CUDA graphs), data, tokenizer,
 # base training (a d12 model, compiled, bf16, batch size
-# found automatically), base loss, CORE, midtraining, all six chat evals, SFT, two RL steps,
+# found automatically; and again with --fp8 where the GPU has float8 matmuls), base loss, CORE, midtraining, all six chat evals, SFT, two RL steps,
 # chat_cli and one streamed chat_web answer. With several GPUs every stage runs on all of them.
 #
 #   bash dev/gpu_check.sh           # prints a table: stage, ok/failed, seconds, its key number
@@ -98,9 +98,17 @@ check engine '[0-9]+ passed' env NANOCHAT_TEST_DEVICE="$TEST_DEVICE" NANOCHAT_DT
     python -m pytest -q -p no:cacheprovider tests/test_engine.py
 check data '[0-9]+ fetched' python -m nanochat.dataset -n "$NUM_SHARDS"
 check tokenizer 'trained on [0-9,]+ characters' python -m scripts.tok_train --max_chars="$TOK_CHARS" --vocab_size="$VOCAB"
-check base-train 'tok/sec: [0-9,]+ \| mfu: [^ ]+' "${RUN[@]}" -m scripts.base_train -- --depth="$DEPTH" "${TAG[@]}" \
-    --max_seq_len="$SEQ_LEN" --total_batch_size="$TOTAL_BATCH" --num_iterations="$BASE_STEPS" --eval_every=0 \
-    --eval_tokens="$TOTAL_BATCH" --core_metric_every=-1
+BASE=(--depth="$DEPTH" --max_seq_len="$SEQ_LEN" --total_batch_size="$TOTAL_BATCH" --num_iterations="$BASE_STEPS"
+      --eval_every=0 --eval_tokens="$TOTAL_BATCH" --core_metric_every=-1)
+TRAIN_KEY='loss: [0-9.]+ .* tok/sec: [0-9,]+ \| mfu: [^ ]+'  # the last step's smoothed loss and speed
+check base-train "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]}" "${TAG[@]}"
+# The same run with float8 matmuls, for its speed-up and its loss against bf16 (the line above).
+if python -c "import sys, torch; from nanochat.fp8 import supported
+sys.exit(not (torch.cuda.is_available() and supported(torch.device('cuda'))))" 2>/dev/null; then
+    check base-fp8 "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]}" --fp8=1 --dry_run=1 --model_tag=gpucheck-fp8
+else
+    ROWS+=("$(printf '%-12s %-7s %5d   %s' base-fp8 skipped 0 'no float8 matmuls on this device')")
+fi
 check base-loss 'val bpb: [0-9.]+' "${RUN[@]}" -m scripts.base_loss -- "${TAG[@]}" --split_tokens="$TOTAL_BATCH" \
     --device_batch_size=8
 check base-eval 'CORE +[-0-9.]+' "${RUN[@]}" -m scripts.base_eval -- "${TAG[@]}" --max_per_task="$EVAL_ITEMS"

@@ -332,7 +332,7 @@ class _Batch:
         for t in range(self.out.size(1)):
             forcing = self.forced_at < self.forced_len
             next_forced = self.forced.gather(1, self.forced_at.clamp(max=MAX_FORCED_TOKENS - 1)[:, None])[:, 0]
-            sampled = sample(self.logits, self.rng, self.temperature, self.top_k, cap=engine.model.SOFTCAP)
+            sampled = sample(self.logits, self.rng, self.temperature, self.top_k, cap=engine.model.config.softcap)
             token = torch.where(forcing, next_forced, sampled)
             self.forced_at += forcing
             self.out[:, t], self.sampled[:, t] = token, ~forcing

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import compute_dtype
+from nanochat.fp8 import Float8Linear
 
 
 @dataclass
@@ -28,22 +29,42 @@ class GPTConfig:
     n_head: int = 10
     n_kv_head: int = 10
     n_embd: int = 1280
+    # The recipe's options. These defaults are the original model, so that checkpoints saved before
+    # an option existed load as they were trained; config_for_depth gives today's recipe.
+    value_embeds: bool = False  # a second token embedding, gated, added to the values of every other layer
+    residual_scalars: bool = False  # learned per-layer weights of the residual stream and of a skip from the input
+    softcap: float = 15.0  # logits = softcap * tanh(logits / softcap)
+    rotary_base: float = 10000.0
 
 
-def config_for_depth(depth, vocab_size, sequence_len):
-    """The one dial: width = 64 * depth, attention heads of (about) 128 dims."""
+RECIPE = dict(value_embeds=False, residual_scalars=False, softcap=15.0, rotary_base=10000.0)
+
+
+def config_for_depth(depth, vocab_size, sequence_len, **overrides):
+    """The one dial: width = 64 * depth, attention heads of (about) 128 dims, and the RECIPE's
+    options unless overridden."""
     n_embd = 64 * depth
     n_head = max(1, math.ceil(n_embd / 128))
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                     n_embd=n_embd, **{**RECIPE, **overrides})
+
+
+def has_value_embed(layer_idx, n_layer):
+    """Value embeddings go to every other layer, counting back from the last."""
+    return (n_layer - 1 - layer_idx) % 2 == 0
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer that computes in its input's dtype from a float32 weight."""
+    """A bias-free linear layer that computes in its input's dtype from a float32 weight, or, with
+    `fp8` set, whose training matmuls run in float8 (nanochat.fp8)."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
+        self.fp8 = False
 
     def forward(self, x):
+        if self.fp8 and self.training and torch.is_grad_enabled():
+            return Float8Linear.apply(x, self.weight)
         return F.linear(x, self.weight.to(x.dtype))
 
 
@@ -60,6 +81,8 @@ def apply_rotary(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
+    VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many channels of the block's input
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -70,12 +93,18 @@ class CausalSelfAttention(nn.Module):
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.ve_gate = None
+        if config.value_embeds and has_value_embed(layer_idx, config.n_layer):
+            self.ve_gate = Linear(min(self.VE_GATE_CHANNELS, config.n_embd), self.n_kv_head)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # a gate in (0, 2) per kv head, from the token's own input; 1 at init
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if kv_cache is None:
@@ -111,8 +140,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, ve)
         return x + self.mlp(norm(x))
 
 
@@ -161,8 +190,6 @@ def _pad_rows(grad, total_rows):
 
 
 class GPT(nn.Module):
-    SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15): bounded, smooth
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -173,6 +200,12 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = Linear(config.n_embd, self.padded_vocab)
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in range(config.n_layer)
+                                           if config.value_embeds and has_value_embed(i, config.n_layer)})
+        if config.residual_scalars:  # block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the embedding)
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         # Rotary tables for 10x the training length, so generation can run past it.
         self.rotary_len = config.sequence_len * 10
         cos, sin = self._rotary_tables(self.rotary_len)
@@ -180,9 +213,9 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _rotary_tables(self, length, base=10000, device=None):
+    def _rotary_tables(self, length, device=None):
         head_dim = self.config.n_embd // self.config.n_head
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        inv_freq = 1.0 / self.config.rotary_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
         cos, sin = angles.cos(), angles.sin()
         return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([sin, -sin], -1)[None, :, None, :]  # (1, T, 1, head_dim)
@@ -193,37 +226,61 @@ class GPT(nn.Module):
         that the device is known, the rotary tables and the compute dtype."""
         nn.init.normal_(self.transformer.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
+        bound = math.sqrt(3.0 / self.config.n_embd)  # uniform with variance 1/fan_in
         for block in self.transformer.h:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                bound = math.sqrt(3.0 / linear.in_features)  # uniform with variance 1/fan_in
                 nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)  # gate 2 * sigmoid(0) = 1
+        for table in self.value_embeds.values():  # like c_v's output, which they add to
+            nn.init.uniform_(table.weight, -bound, bound)
+        if self.config.residual_scalars:
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.fill_(0.1)
         self.cos, self.sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
         self.compute_dtype = compute_dtype(self.lm_head.weight.device)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def use_fp8(self):
+        """Train the blocks' large matmuls in float8 (the lm_head and the small gates stay as they are)."""
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                linear.fp8 = True
+
+    def embeddings(self):
+        """The lookup tables: the token embedding and any value embeddings."""
+        return [self.transformer.wte.weight] + [table.weight for table in self.value_embeds.values()]
+
+    def scalars(self):
+        return [self.resid_lambdas, self.x0_lambdas] if self.config.residual_scalars else []
+
     def estimate_flops(self):
         """FLOPs per token of a training step: 6 per matmul weight (forward + backward) plus the
-        attention score and value matmuls; the embedding lookup costs nothing."""
+        attention score and value matmuls. Lookups and per-layer scalars cost nothing worth counting."""
         c = self.config
         head_dim = c.n_embd // c.n_head
-        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        matmul_params = self.num_params() - sum(p.numel() for p in self.embeddings() + self.scalars())
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * head_dim * c.sequence_len
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        """AdamW for the embedding and unembedding (learning rates scaled by 1/sqrt(width/768)),
-        Muon for every matrix in the blocks. Both shard their work when torch.distributed is up."""
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.02,
+                         matrix_weight_decay=0.0, newton_schulz="classic", normuon_beta2=0.0):
+        """AdamW for the embeddings and unembedding (learning rates scaled by 1/sqrt(width/768)) and
+        the per-layer scalars, Muon for every matrix in the blocks (see optim.Muon for its options).
+        Both shard their work when torch.distributed is up."""
         from nanochat.optim import AdamW, Muon
 
         scale = (self.config.n_embd / 768) ** -0.5
-        adamw = AdamW([
-            {"params": [self.lm_head.weight], "lr": unembedding_lr * scale},
-            {"params": [self.transformer.wte.weight], "lr": embedding_lr * scale},
-        ], betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-        muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95)
+        groups = [{"params": [self.lm_head.weight], "lr": unembedding_lr * scale},
+                  {"params": self.embeddings(), "lr": embedding_lr * scale}]
+        if self.scalars():
+            groups.append({"params": self.scalars(), "lr": scalar_lr, "weight_decay": 0.0})
+        adamw = AdamW(groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95, newton_schulz=newton_schulz,
+                    normuon_beta2=normuon_beta2, weight_decay=matrix_weight_decay)
         for opt in (adamw, muon):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
@@ -246,20 +303,23 @@ class GPT(nn.Module):
         else:
             cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = norm(self.transformer.wte(idx).to(dtype))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        x = x0 = norm(self.transformer.wte(idx).to(dtype))
+        for i, block in enumerate(self.transformer.h):
+            if self.config.residual_scalars:
+                x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, kv_cache, ve)
         x = norm(x[:, -1:] if last_only else x)
         if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
                 and dtype == torch.float32):
             return _ChunkedSoftcapCrossEntropy.apply(
-                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size, self.SOFTCAP)
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size, self.config.softcap)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         if not capped:
             if targets is not None:
                 raise ValueError("capped=False gives logits for sampling; a loss needs the capped ones")
             return logits
-        logits = softcap(logits, self.SOFTCAP)
+        logits = softcap(logits, self.config.softcap)
         if targets is None:
             return logits
         logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)

@@ -93,20 +93,32 @@ class AdamW(torch.optim.Optimizer):
                     dist.all_gather_into_tensor(p, shard.clone())
 
 
-def orthogonalize(G, steps=5):
+# Newton–Schulz iterations: (the factor over the Frobenius norm that the input is divided by,
+# [(a, b, c) of each iteration's quintic]).
+NEWTON_SCHULZ = {
+    # one quintic five times: fast growth of small singular values, ending roughly in [0.7, 1.2]
+    "classic": (1.0, [(3.4445, -4.7750, 2.0315)] * 5),
+    # "Polar Express": each iteration's quintic is the best for where the singular values then lie,
+    # derived by dev/polar_express.py for [1e-3, 1]; they end in [0.89, 1.11]. The 2% cushion keeps
+    # bf16 rounding of the norm from pushing a value past 1, where the first quintic climbs steeply.
+    "polar": (1.02, [(8.470329, -25.108075, 18.629276), (4.182834, -3.108701, 0.580607), (3.961857, -2.954064, 0.562976),
+                     (3.286586, -2.464720, 0.507358), (2.273750, -1.644660, 0.416191)]),
+}
+
+
+def orthogonalize(G, method="classic"):
     """
     Newton–Schulz iteration towards the nearest semi-orthogonal matrix U V^T of G = U S V^T:
-    a quintic whose coefficients push every singular value into roughly [0.7, 1.2] within a few
-    steps (exact orthogonality is not needed, speed is). bf16 on GPU; float32 on CPU, where bf16
-    matmuls are ~150x slower.
+    odd quintics that push every singular value towards 1 within a few steps (exact orthogonality
+    is not needed, speed is). bf16 on GPU; float32 on CPU, where bf16 matmuls are ~150x slower.
     """
-    a, b, c = 3.4445, -4.7750, 2.0315
+    cushion, coefficients = NEWTON_SCHULZ[method]
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values into [0, 1]
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * cushion + 1e-7)  # singular values into [0, 1]
+    for a, b, c in coefficients:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if transposed else X).to(G.dtype)
@@ -118,13 +130,23 @@ class Muon(torch.optim.Optimizer):
     whose update is orthogonalized, scaled by sqrt(max(1, rows/cols)) so that tall and wide
     matrices move alike. Across ranks, parameters of one shape are handled in groups of
     world_size: rank r owns the r-th of each group (its momentum lives only there).
+
+    Options: `newton_schulz` picks the iteration (NEWTON_SCHULZ). `normuon_beta2` > 0 (NorMuon)
+    divides each row (output neuron) of the orthogonalized update by the root of an EMA of its mean
+    square, then rescales the whole to the norm it had: orthogonalization equalises directions but
+    leaves some neurons' rows much larger than others'. `weight_decay` is cautious: it shrinks only
+    the entries the update also moves towards zero (same sign as the weight), at lr * weight_decay.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, newton_schulz="classic", normuon_beta2=0.0,
+                 weight_decay=0.0):
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError("Muon only optimizes 2-D matrices")
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        if newton_schulz not in NEWTON_SCHULZ:
+            raise ValueError(f"newton_schulz must be one of {sorted(NEWTON_SCHULZ)}, not {newton_schulz!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, newton_schulz=newton_schulz,
+                                      normuon_beta2=normuon_beta2, weight_decay=weight_decay))
         rank, world = _world()
         order = {id(p): i for i, p in enumerate(params)}
         by_shape = sorted(params, key=lambda p: (tuple(p.shape), order[id(p)]))
@@ -155,9 +177,10 @@ class Muon(torch.optim.Optimizer):
 
     def state_bytes(self):
         """What this rank's state will take once the first step creates it: the float32 momentum of
-        the matrices it owns."""
+        the matrices it owns (and NorMuon's mean square per row)."""
         rank, _ = _world()
-        return sum(4 * group[rank].numel() for group in self._groups if rank < len(group))
+        rows = {p: p.size(0) if g["normuon_beta2"] > 0 else 0 for g in self.param_groups for p in g["params"]}
+        return sum(4 * (group[rank].numel() + rows[group[rank]]) for group in self._groups if rank < len(group))
 
     @torch.no_grad()
     def step(self, grad_scale=1.0):
@@ -174,9 +197,23 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - h["momentum"])
                 update = grad.lerp(buf, h["momentum"]) if h["nesterov"] else buf
-                update = orthogonalize(update, h["ns_steps"])
+                update = orthogonalize(update, h["newton_schulz"])
+                if h["normuon_beta2"] > 0:
+                    update = self._normalize_rows(update, state, h["normuon_beta2"])
+                if h["weight_decay"] > 0:  # cautious: where the update shrinks the weight too
+                    mine.sub_(mine * (update * mine > 0), alpha=h["lr"] * h["weight_decay"])
                 mine.add_(update, alpha=-h["lr"] * max(1.0, mine.size(-2) / mine.size(-1)) ** 0.5)
             if world > 1:
                 source = mine.clone() if mine is not None else torch.zeros_like(group[0])
                 pad = [torch.empty_like(group[0]) for _ in range(world - len(group))]
                 dist.all_gather(list(group) + pad, source)
+
+    @staticmethod
+    def _normalize_rows(update, state, beta2):
+        """NorMuon: each row over the root of an EMA of its mean square, the whole at its old norm."""
+        if "row_sq" not in state:
+            state["row_sq"] = torch.zeros(update.size(0), 1, dtype=torch.float32, device=update.device)
+        row_sq = state["row_sq"]
+        row_sq.lerp_(update.float().square().mean(dim=1, keepdim=True), 1 - beta2)
+        normalized = update / (row_sq.sqrt() + 1e-10).to(update.dtype)
+        return normalized * (update.norm() / normalized.norm().clamp(min=1e-10))

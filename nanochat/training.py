@@ -54,10 +54,14 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
                         f"{device_batch_size} elsewhere (gradient accumulation makes up the rest of the step)")
     parser.set_defaults(device_batch_size_off_cuda=device_batch_size)
     g.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: the stage's natural length)")
-    g.add_argument("--embedding_lr", type=float, default=0.2)
-    g.add_argument("--unembedding_lr", type=float, default=0.004)
-    g.add_argument("--matrix_lr", type=float, default=0.02)
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--embedding_lr", type=float, default=0.2, help="AdamW LR of the token and value embeddings (at width 768)")
+    g.add_argument("--unembedding_lr", type=float, default=0.004, help="AdamW LR of the lm_head (at width 768)")
+    g.add_argument("--matrix_lr", type=float, default=0.02, help="Muon LR of the blocks' matrices")
+    g.add_argument("--scalar_lr", type=float, default=0.02, help="AdamW LR of the per-layer residual scalars")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the embeddings and lm_head")
+    g.add_argument("--matrix_weight_decay", type=float, default=0.0, help="Muon's cautious weight decay (times the LR)")
+    g.add_argument("--newton_schulz", choices=["classic", "polar"], default="classic", help="Muon's orthogonalization")
+    g.add_argument("--normuon_beta2", type=float, default=0.0, help="NorMuon's per-row normalization EMA (0 = off)")
     g.add_argument("--init_lr_frac", type=float, default=init_lr_frac, help="start at this fraction of the LRs above")
     g.add_argument("--warmup_ratio", type=float, default=warmup_ratio)
     g.add_argument("--warmdown_ratio", type=float, default=warmdown_ratio)
@@ -201,7 +205,9 @@ class Trainer:
         self.args, self.phase, self.model, self.device = args, phase, model, device
         self.num_iterations, self.tokens_per_step = num_iterations, tokens_per_step
         _, self.rank, _, self.world_size = get_dist_info()
-        self.optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
+        self.optimizers = model.setup_optimizers(
+            args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay, args.scalar_lr,
+            args.matrix_weight_decay, args.newton_schulz, args.normuon_beta2)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] *= args.init_lr_frac

@@ -14,7 +14,8 @@ from nanochat.common import compute_cleanup, compute_init, print0, setup_default
 from nanochat.core_eval import eval_bundle_dir, evaluate_core
 from nanochat.dataloader import cropped_fraction, tokenizing_distributed_data_loader
 from nanochat.download import DownloadError
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.fp8 import supported as fp8_supported
+from nanochat.gpt import GPT, RECIPE, config_for_depth
 from nanochat.loss_eval import EVAL_LOADER_KWARGS, evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import Trainer, add_common_flags, parse_args
@@ -23,6 +24,14 @@ parser = argparse.ArgumentParser(description="Pretrain the GPT.")
 add_common_flags(parser, device_batch_size=32, eval_every=250)
 parser.add_argument("--depth", type=int, default=20, help="layers; width = 64 * depth")
 parser.add_argument("--max_seq_len", type=int, default=2048)
+parser.add_argument("--seed", type=int, default=42, help="initial weights' seed (the data order is fixed)")
+m = parser.add_argument_group("model options (default: the recipe's, nanochat.gpt.RECIPE)")
+m.add_argument("--value_embeds", type=int, choices=[0, 1], default=None, help="gated value embeddings on every other layer")
+m.add_argument("--residual_scalars", type=int, choices=[0, 1], default=None, help="learned per-layer residual and input-skip weights")
+m.add_argument("--softcap", type=float, default=None, help="logit soft cap")
+m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding base")
+MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base")
+parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
 parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
 # horizon when --num_iterations is not set: the first of these that is set
 parser.add_argument("--target_flops", type=float, default=-1.0, help="training FLOPs budget")
@@ -51,17 +60,22 @@ def horizon(args, num_params, flops_per_token):
 def main():
     args = parse_args(parser)
     setup_default_logging()
-    _, rank, _, world_size, device = compute_init(args.device_type)
+    _, rank, _, world_size, device = compute_init(args.device_type, seed=args.seed)
+    if args.fp8 and not fp8_supported(device):
+        raise SystemExit(f"error: --fp8=1 needs a CUDA GPU with float8 matmuls (compute capability 8.9+), not {device}; drop --fp8")
     try:
         tokenizer = get_tokenizer()
         token_bytes = get_token_bytes(device)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
-    config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
+    options = {k: type(RECIPE[k])(getattr(args, k)) for k in MODEL_OPTIONS if getattr(args, k) is not None}
+    config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, **options)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    if args.fp8:
+        model.use_fp8()
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     num_iterations = horizon(args, num_params, flops_per_token)
 

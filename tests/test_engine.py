@@ -145,8 +145,6 @@ class ScriptedModel(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.compute_dtype = torch.float32
 
-    SOFTCAP = 15.0
-
     def forward(self, ids, kv_cache=None, last_only=False, capped=True):
         token = self.script[min(self.calls, len(self.script) - 1)]
         self.calls += 1
@@ -182,8 +180,6 @@ class MarkovModel(torch.nn.Module):
             self.next[a] = b
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.compute_dtype = torch.float32
-
-    SOFTCAP = 15.0
 
     def forward(self, ids, kv_cache=None, last_only=False, capped=True):
         ids = ids[:, -1:] if last_only else ids

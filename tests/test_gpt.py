@@ -9,22 +9,30 @@ from nanochat.gpt import GPT, GPTConfig, apply_rotary, causal_attention, config_
 from nanochat.optim import step_optimizers
 
 
-def make(depth, vocab=1000, seq=64, seed=0):
+def make(depth, vocab=1000, seq=64, seed=0, **options):
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = GPT(config_for_depth(depth, vocab, seq))
+        model = GPT(config_for_depth(depth, vocab, seq, **options))
     model.to_empty(device="cpu")
     model.init_weights()
     return model
 
 
+PLAIN = dict(value_embeds=False, residual_scalars=False)
+RICH = dict(value_embeds=True, residual_scalars=True)
+
+
+@pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "value embeds + scalars"])
 @pytest.mark.parametrize("depth", [1, 2, 4, 6])
-def test_parameter_count_and_flops_closed_form(depth):
+def test_parameter_count_and_flops_closed_form(depth, options):
     vocab, seq = 1000, 64
-    model = make(depth, vocab, seq)
+    model = make(depth, vocab, seq, **options)
     C, padded = 64 * depth, 1024  # 1000 padded up to a multiple of 64
-    assert model.num_params() == 12 * depth * C * C + 2 * padded * C
-    assert model.estimate_flops() == 6 * (12 * depth * C * C + padded * C) + 12 * depth * C * seq
+    n_ve = (depth + 1) // 2 if options["value_embeds"] else 0  # every other layer, the last included
+    gates = n_ve * min(32, C) * model.config.n_head  # each reads 32 channels, one gate per kv head
+    scalars = 2 * depth if options["residual_scalars"] else 0
+    assert model.num_params() == 12 * depth * C * C + 2 * padded * C + n_ve * padded * C + gates + scalars
+    assert model.estimate_flops() == 6 * (12 * depth * C * C + padded * C + gates) + 12 * depth * C * seq
     head_dim = C // model.config.n_head
     assert head_dim == min(C, 128)
 
@@ -76,13 +84,14 @@ class TinyKVCache:
 SHAPES = {"1 head": None, "4 heads": (4, 4), "GQA 4/2": (4, 2), "MQA 4/1": (4, 1)}
 
 
-def make_live(shape, vocab=1000, seq=64, seed=0):
+def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
     """A 2-layer model whose output projections are not zero, so attention changes the output."""
     if shape is None:
-        model = make(2, vocab, seq, seed)
+        model = make(2, vocab, seq, seed, **options)
     else:
         torch.manual_seed(seed)
-        model = GPT(GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=2, n_head=shape[0], n_kv_head=shape[1], n_embd=128))
+        model = GPT(GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=2, n_head=shape[0], n_kv_head=shape[1],
+                              n_embd=128, **options))
         model.init_weights()
     with torch.no_grad():
         for block in model.transformer.h:
@@ -129,6 +138,55 @@ def test_kv_cache_matches_full_forward(shape):
     pieces.append(model(x[:, 12:15], kv_cache=cache))
     pieces += [model(x[:, t : t + 1], kv_cache=cache) for t in range(15, 20)]
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_value_embedding_is_added_to_the_values_through_its_gate():
+    """A layer's value embedding against a second path: the plain attention whose c_v output gets
+    2 * sigmoid(gate(x[:32])) * ve added by a hook."""
+    model = make_live(None, options=RICH)
+    attn = model.transformer.h[1].attn
+    with torch.no_grad():
+        attn.ve_gate.weight.normal_()  # a gate that is not 1 everywhere
+    x, ve = torch.randn(3, 10, 128), torch.randn(3, 10, 128)
+    cos, sin = model.cos[:, :10], model.sin[:, :10]
+    with torch.no_grad():
+        ours = attn(x, cos, sin, ve=ve)
+        gate = 2 * torch.sigmoid(x[..., :32] @ attn.ve_gate.weight.T)  # (3, 10, heads = kv heads = 1)
+        hook = attn.c_v.register_forward_hook(lambda module, inputs, out: out + gate.repeat_interleave(128, -1) * ve)
+        attn.ve_gate, saved = None, attn.ve_gate
+        reference = attn(x, cos, sin)
+        hook.remove()
+        attn.ve_gate = saved
+    assert torch.allclose(ours, reference, atol=1e-5) and not torch.allclose(ours, attn(x, cos, sin, ve=None), atol=1e-3)
+    assert set(model.value_embeds) == {"1"} and model.transformer.h[0].attn.ve_gate is None  # 2 layers: the last has one
+
+
+def test_residual_scalars_against_a_hand_written_forward():
+    model = make_live(None, options=dict(value_embeds=False, residual_scalars=True))
+    with torch.no_grad():
+        model.resid_lambdas.copy_(torch.tensor([0.7, 1.3]))
+        model.x0_lambdas.copy_(torch.tensor([0.2, -0.4]))
+        idx = torch.randint(0, 1000, (2, 12))
+        cos, sin = model.cos[:, :12], model.sin[:, :12]
+        x0 = norm(model.transformer.wte(idx))
+        x = x0
+        for i, block in enumerate(model.transformer.h):
+            x = block(model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0, cos, sin)
+        reference = 15 * torch.tanh(model.lm_head(norm(x)) / 15)
+        assert torch.allclose(model(idx), reference[..., :1000], atol=1e-5)
+
+
+def test_neutral_options_compute_the_plain_model():
+    """Value embeddings of zero, residual weights of 1 and input-skip weights of 0 change nothing:
+    the options add to the model, they do not disturb what was there."""
+    plain, rich = make_live(None, options=PLAIN), make_live(None, options=RICH)
+    missing = rich.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["resid_lambdas", "transformer.h.1.attn.ve_gate.weight", "value_embeds.1.weight", "x0_lambdas"]
+    with torch.no_grad():
+        rich.value_embeds["1"].weight.zero_()
+        rich.x0_lambdas.zero_()
+    idx = torch.randint(0, 1000, (2, 16))
+    assert torch.allclose(rich(idx), plain(idx), atol=1e-6)
 
 
 def test_greedy_generate_is_argmax_of_forward():

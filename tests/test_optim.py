@@ -1,5 +1,6 @@
 """Optimizers against hand-written references, and 2 ranks (torchrun, gloo) against 1 process."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from nanochat.optim import AdamW, Muon, orthogonalize, step_optimizers
+from nanochat.optim import NEWTON_SCHULZ, AdamW, Muon, orthogonalize, step_optimizers
 
 
 def test_adamw_matches_torch():
@@ -27,27 +28,45 @@ def test_adamw_matches_torch():
     assert torch.allclose(a, b, atol=1e-6)
 
 
-def newton_schulz_reference(G, steps=5):
-    """The quintic Newton–Schulz iteration in float64 numpy, written out plainly."""
+CLASSIC = (1.0, [(3.4445, -4.7750, 2.0315)] * 5)
+
+
+def polar_express_coefficients():
+    """Derived afresh by dev/polar_express.py (the minimax quintics), not read from optim.py."""
+    spec = importlib.util.spec_from_file_location("polar_express", os.path.join(REPO, "dev", "polar_express.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return (1.02, module.polar_express()[0])
+
+
+def newton_schulz_reference(G, method=CLASSIC):
+    """The quintic Newton–Schulz iterations in float64 numpy, written out plainly."""
+    cushion, coefficients = method
     X = G.astype(np.float64)
     tall = X.shape[0] > X.shape[1]
     if tall:
         X = X.T
-    X = X / (np.linalg.norm(X) + 1e-7)
-    for _ in range(steps):
+    X = X / (np.linalg.norm(X) * cushion + 1e-7)
+    for a, b, c in coefficients:
         A = X @ X.T
-        X = 3.4445 * X - 4.7750 * A @ X + 2.0315 * A @ A @ X
+        X = a * X + b * A @ X + c * A @ A @ X
     return X.T if tall else X
 
 
 @pytest.mark.parametrize("rows, cols, aspect", [(6, 10, 1.0), (10, 6, (10 / 6) ** 0.5), (24, 6, 2.0)])
-def test_muon_matches_reference_step(rows, cols, aspect):
-    """Wide matrices take the orthogonalized step as is; tall ones scaled by sqrt(rows / cols)."""
+@pytest.mark.parametrize("options", [{}, {"newton_schulz": "polar", "normuon_beta2": 0.9, "weight_decay": 0.5}],
+                         ids=["classic", "polar+normuon+cautious wd"])
+def test_muon_matches_reference_step(rows, cols, aspect, options):
+    """Wide matrices take the orthogonalized step as is; tall ones scaled by sqrt(rows / cols).
+    NorMuon divides each row by the root of an EMA of its mean square and restores the norm;
+    cautious weight decay shrinks the entries whose update has the weight's sign."""
     torch.manual_seed(0)
     w = torch.randn(rows, cols, requires_grad=True)
     w0 = w.detach().numpy().copy()
-    opt = Muon([w], lr=0.1, momentum=0.9, nesterov=True)
-    buf = np.zeros_like(w0)
+    opt = Muon([w], lr=0.1, momentum=0.9, nesterov=True, **options)
+    method = polar_express_coefficients() if options else CLASSIC
+    beta2, wd = options.get("normuon_beta2", 0.0), options.get("weight_decay", 0.0)
+    buf, row_sq = np.zeros_like(w0), np.zeros((rows, 1))
     expected = w0.astype(np.float64)
     for _ in range(3):
         grad = torch.randn(rows, cols)
@@ -55,22 +74,33 @@ def test_muon_matches_reference_step(rows, cols, aspect):
         step_optimizers([opt])
         g = grad.numpy().astype(np.float64)
         buf = 0.9 * buf + 0.1 * g
-        update = 0.1 * g + 0.9 * buf  # Nesterov: the gradient pulled towards the momentum
-        expected = expected - 0.1 * aspect * newton_schulz_reference(update)
+        update = newton_schulz_reference(0.1 * g + 0.9 * buf, method)  # Nesterov: the gradient pulled towards the momentum
+        if beta2:
+            row_sq = beta2 * row_sq + (1 - beta2) * (update**2).mean(axis=1, keepdims=True)
+            normalized = update / np.sqrt(row_sq)
+            update = normalized * np.linalg.norm(update) / np.linalg.norm(normalized)
+        expected = expected - 0.1 * wd * expected * (np.sign(update) == np.sign(expected))
+        expected = expected - 0.1 * aspect * update
     assert np.allclose(w.detach().numpy(), expected, atol=1e-4)
 
 
-def test_orthogonalized_update_has_singular_values_near_one():
-    # Gradients with singular values spread over a decade: 5 iterations bring all near 1
-    # (a quintic cannot lift values that are ~0 to begin with, nor does it need to).
+def test_polar_express_coefficients_are_the_derived_ones():
+    cushion, ours = NEWTON_SCHULZ["polar"]
+    assert np.allclose(ours, polar_express_coefficients()[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("method, band", [("classic", (0.6, 1.3)), ("polar", (0.85, 1.15))])
+def test_orthogonalized_update_has_singular_values_near_one(method, band):
+    """Gradients with singular values spread over two decades, against an SVD: 5 iterations bring
+    all near 1 (the classic quintic roughly into [0.7, 1.2]; Polar Express into [0.89, 1.11])."""
     torch.manual_seed(0)
     for rows, cols in [(64, 64), (128, 32), (32, 256)]:
         k = min(rows, cols)
         U, _ = torch.linalg.qr(torch.randn(rows, k))
         V, _ = torch.linalg.qr(torch.randn(cols, k))
-        G = U @ torch.diag(torch.logspace(-1, 0, k)) @ V.T * 37.0
-        s = torch.linalg.svdvals(orthogonalize(G))
-        assert s.min() > 0.6 and s.max() < 1.3, (rows, cols, s.min(), s.max())
+        G = U @ torch.diag(torch.logspace(-2, 0, k)) @ V.T * 37.0
+        s = torch.linalg.svdvals(orthogonalize(G, method))
+        assert band[0] < s.min() and s.max() < band[1], (rows, cols, s.min(), s.max())
 
 
 def test_step_optimizers_reports_global_norm():
@@ -87,36 +117,43 @@ DDP_SCRIPT = textwrap.dedent("""
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import step_optimizers
 
-    def train(rows, steps=4):
+    def train(parts, steps=4):
         # 4 query heads on 2 key/value heads; 3 layers, so Muon's groups of 2 same-shape matrices
         # (one per rank) leave an odd one over, padded on the rank without a matrix.
         torch.manual_seed(0)
         with torch.device("meta"):
-            model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=128))
+            model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=128,
+                                  value_embeds=True, residual_scalars=True))
         model.to_empty(device="cpu")
         model.init_weights()
         with torch.no_grad():  # attention and MLP outputs that matter from the first step
             for block in model.transformer.h:
                 block.attn.c_proj.weight.normal_(std=0.02)
                 block.mlp.c_proj.weight.normal_(std=0.02)
-        optimizers = model.setup_optimizers()
-        batch = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))[rows]
+        optimizers = model.setup_optimizers(weight_decay=0.1, matrix_weight_decay=0.1, newton_schulz="polar", normuon_beta2=0.95)
+        batch = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
         losses = []
         for _ in range(steps):  # the same global batch every step: the loss must fall
-            loss = model(batch[:, :-1], batch[:, 1:])
-            loss.backward()
+            loss = 0.0
+            for part in parts:  # each a micro-batch of the step
+                part_loss = model(batch[part, :-1], batch[part, 1:]) / len(parts)
+                part_loss.backward()
+                loss += part_loss.item()
             step_optimizers(optimizers, grad_clip=0.5)
             model.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss)
         return model, losses
 
+    # A rank's 2 rows, or one process accumulating the same two halves: the same arithmetic, since
+    # (g0 + g1) / 2 == g0 / 2 + g1 / 2 exactly. (Summing all 4 rows at once would differ by rounding,
+    # which Adam's sign-like first steps and the cautious decay's sign test turn into ~1e-3.)
     if sys.argv[1] == "ddp":
         _, rank, _, world, _ = compute_init("cpu")
-        model, losses = train(slice(2 * rank, 2 * rank + 2))
+        model, losses = train([slice(2 * rank, 2 * rank + 2)])
         torch.save({"state": model.state_dict(), "losses": losses}, f"{sys.argv[2]}.rank{rank}")
         compute_cleanup()
     else:
-        model, losses = train(slice(0, 4))
+        model, losses = train([slice(0, 2), slice(2, 4)])
         torch.save({"state": model.state_dict(), "losses": losses}, sys.argv[2])
 """)
 
@@ -165,7 +202,7 @@ BRANCHES_SCRIPT = textwrap.dedent("""
         torch.manual_seed(0)
         params = [torch.randn(s, requires_grad=True) for s in ADAMW_SHAPES + MUON_SHAPES]
         initial = [p.detach().clone() for p in params]
-        optimizers = [AdamW(params[:2], lr=0.01, weight_decay=0.1), Muon(params[2:], lr=0.02)]
+        optimizers = [AdamW(params[:2], lr=0.01, weight_decay=0.1), Muon(params[2:], lr=0.02, normuon_beta2=0.95)]
         norms, expected_state = [], [opt.state_bytes() for opt in optimizers]
         for step in range(3):
             for i, p in enumerate(params):

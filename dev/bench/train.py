@@ -9,7 +9,7 @@ Config (the reference recipe): vocab 8192, --max_seq_len=512 --device_batch_size
 machines (bf16 Newton–Schulz and embeddings on a CPU that runs bf16 ~150x slower than fp32).
 
     python dev/bench/train.py [--depths 4 8] [--compile] [--steps 5]   # needs a trained tokenizer for the loader
-    python dev/bench/train.py --depths 20 --compile --vocab 65536 --seq_len 2048 --batch 32   # one GPU
+    python dev/bench/train.py --depths 20 --compile --fp8 --vocab 65536 --seq_len 2048 --batch 32   # one GPU
 """
 
 import argparse
@@ -45,12 +45,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_throughput(depth, device, compile_model, steps, vocab=8192, T=512, B=8):
+def train_throughput(depth, device, compile_model, steps, vocab=8192, T=512, B=8, fp8=False):
     torch.manual_seed(0)
     with torch.device("meta"):
         model = GPT(config_for_depth(depth, vocab, T))
     model.to_empty(device=device)
     model.init_weights()
+    if fp8:
+        model.use_fp8()
     optimizers = model.setup_optimizers()
     run = torch.compile(model, dynamic=False) if compile_model else model
     x = torch.randint(0, vocab, (B, T + 1), device=device)
@@ -94,6 +96,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to start on CPU)")
+    parser.add_argument("--fp8", action="store_true", help="also measure float8 matmuls (GPUs with compute capability 8.9+)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device_type", default=None)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -108,12 +111,14 @@ def main():
     print("| depth | mode | tokens/s | achieved GFLOP/s | MFU | vs original nanochat |")
     print("|---|---|---|---|---|---|")
     for depth in args.depths:
-        for compiled in ([False, True] if args.compile else [False]):
-            tps, flops_per_token = train_throughput(depth, device, compiled, args.steps, args.vocab, args.seq_len, args.batch)
+        modes = [(False, False)] + [(True, False)] * args.compile + [(args.compile, True)] * args.fp8
+        for compiled, fp8 in modes:
+            tps, flops_per_token = train_throughput(depth, device, compiled, args.steps, args.vocab, args.seq_len, args.batch, fp8)
             achieved = tps * flops_per_token
             reference_config = (args.vocab, args.seq_len, args.batch) == (8192, 512, 8)
             ref = REFERENCE_TOKENS_PER_SEC.get(depth) if device.type == "cpu" and reference_config else None
-            print(f"| {depth} | {'compiled' if compiled else 'eager'} | {tps:,.0f} | {achieved / 1e9:.1f} | "
+            mode = ("compiled" if compiled else "eager") + (" fp8" if fp8 else "")
+            print(f"| {depth} | {mode} | {tps:,.0f} | {achieved / 1e9:.1f} | "
                   f"{100 * achieved / (peak or measured):.1f}% | {f'{tps / ref:.2f}x' if ref else '-'} |")
     print("\n| data loader (1 rank, B=8, steady state) | tokens/s out | cropped (of tokens tokenized) |")
     print("|---|---|---|")

@@ -1,0 +1,164 @@
+"""
+The pretraining recipe's ablation bench: train several configurations of base_train on the same
+data for the same number of tokens and print their whole-document val bits per byte and median
+step time side by side, one row per configuration and seed.
+
+Each row is a real `python -m scripts.base_train` run with its own flags (a configuration is a
+list of flags on top of base_train's defaults), in a bench folder of its own: the mirror's (or
+the web's) first 8 pretraining shards (0-6 train, 7 val) and a tokenizer trained on up to 100M
+characters of them. Validation is the same for every row (loss_eval: whole documents in order),
+so rows with different packing or context compare. Finished rows are kept in a JSON-lines file
+and not rerun (--rerun to redo some), so the bench can be run a piece at a time.
+
+    python dev/bench/recipe.py                                  # the CPU preset, every configuration
+    python dev/bench/recipe.py --depths 4 --steps 200 --configs baseline new --seeds 1 2
+    python dev/bench/recipe.py --list                           # the configurations and their flags
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The recipe before issue 14, pinned by flags so that "baseline" stays the same row whatever the
+# defaults become. "new" is base_train's defaults. Every other configuration is the baseline plus
+# one change, so each default change has a row of its own.
+BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0", "--matrix_weight_decay=0.0",
+            "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
+            "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004"]
+CONFIGS = {
+    "baseline": BASELINE,
+    "new": [],
+    # schedule and learning rates
+    "warmdown_0.4": BASELINE + ["--warmdown_ratio=0.4"],
+    "warmdown_0.5": BASELINE + ["--warmdown_ratio=0.5"],
+    "matrix_lr_0.04": BASELINE + ["--matrix_lr=0.04"],
+    "embedding_lr_0.4": BASELINE + ["--embedding_lr=0.4"],
+    "unembedding_lr_0.008": BASELINE + ["--unembedding_lr=0.008"],
+    # the model
+    "value_embeds": BASELINE + ["--value_embeds=1"],
+    "residual_scalars": BASELINE + ["--residual_scalars=1"],
+    "softcap_30": BASELINE + ["--softcap=30"],
+    # the optimizer
+    "polar_express": BASELINE + ["--newton_schulz=polar"],
+    "normuon": BASELINE + ["--normuon_beta2=0.95"],
+    "matrix_wd_0.1": BASELINE + ["--matrix_weight_decay=0.1"],
+    "embedding_wd_0.1": BASELINE + ["--weight_decay=0.1"],
+}
+
+
+def run(cmd, env, log_path):
+    """Run a command with its output in a log; the log's text, or a one-line error naming it."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    text = open(log_path).read()
+    if proc.returncode != 0:
+        tail = text.strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"error: {' '.join(cmd[2:4])} failed ({tail[0]}); see {log_path}")
+    return text
+
+
+def prepare(env, args):
+    """The bench's shards and tokenizer (once)."""
+    base = env["NANOCHAT_BASE_DIR"]
+    os.makedirs(os.path.join(base, "recipe_logs"), exist_ok=True)
+    if not os.path.exists(os.path.join(base, "tokenizer", "tokenizer.pkl")):
+        print(f"preparing {base}: 8 shards, a {args.vocab}-token tokenizer on up to {args.tok_chars:,} characters", flush=True)
+        run([sys.executable, "-m", "nanochat.dataset", "-n", "8"], env, os.path.join(base, "recipe_logs", "data.log"))
+        run([sys.executable, "-m", "scripts.tok_train", f"--max_chars={args.tok_chars}", f"--vocab_size={args.vocab}"],
+            env, os.path.join(base, "recipe_logs", "tokenizer.log"))
+
+
+def train(env, args, name, depth, steps, seed):
+    """One base_train run; its val bpb and median step time (ms, steps after the 10th)."""
+    base = env["NANOCHAT_BASE_DIR"]
+    tokens = args.rows * args.seq_len
+    cmd = [sys.executable, "-m", "scripts.base_train", f"--depth={depth}", f"--max_seq_len={args.seq_len}",
+           f"--device_batch_size={args.rows}", f"--total_batch_size={tokens}", f"--num_iterations={steps}",
+           f"--seed={seed}", "--eval_every=0", f"--eval_tokens={args.eval_tokens}", "--core_metric_every=-1",
+           "--sample_every=-1", "--dry_run=1", *CONFIGS[name]]
+    text = run(cmd, env, os.path.join(base, "recipe_logs", f"{name}_d{depth}_{steps}_s{seed}.log"))
+    bpb = float(re.findall(r"val bpb: ([0-9.]+)", text)[-1])
+    dts = [float(ms) for step, ms in re.findall(r"step (\d+)/\d+ .*?dt: ([0-9.]+)ms", text) if int(step) > 10]
+    return {"config": name, "depth": depth, "steps": steps, "seed": seed, "flags": CONFIGS[name],
+            "val_bpb": bpb, "step_ms": statistics.median(dts)}
+
+
+def table(rows, depth, steps):
+    """Markdown: one row per configuration (seeds averaged, their spread shown), deltas against the baseline."""
+    by_config = {}
+    for r in rows:
+        if r["depth"] == depth and r["steps"] == steps:
+            by_config.setdefault(r["config"], []).append(r)
+    if not by_config:
+        return ""
+    mean = lambda rs, k: statistics.mean(r[k] for r in rs)  # noqa: E731
+    ref = by_config.get("baseline")
+    lines = [f"depth {depth}, {steps} steps", "",
+             "| config | seeds | val bpb | seed spread | Δ bpb vs baseline | step ms | step time vs baseline |", "|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(by_config.items(), key=lambda kv: mean(kv[1], "val_bpb")):
+        bpbs = [r["val_bpb"] for r in rs]
+        spread = f"{max(bpbs) - min(bpbs):.4f}" if len(rs) > 1 else "-"
+        delta = f"{mean(rs, 'val_bpb') - mean(ref, 'val_bpb'):+.4f}" if ref else "-"
+        ratio = f"{mean(rs, 'step_ms') / mean(ref, 'step_ms'):.2f}x" if ref else "-"
+        lines.append(f"| {name} | {len(rs)} | {mean(rs, 'val_bpb'):.4f} | {spread} | {delta} | {mean(rs, 'step_ms'):.0f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="configurations to run")
+    parser.add_argument("--depths", nargs="+", type=int, default=[4, 6])
+    parser.add_argument("--steps", nargs="+", type=int, default=[200, 400])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1], help="seeds of every configuration")
+    parser.add_argument("--baseline_seeds", nargs="+", type=int, default=[1, 2], help="seeds of the baseline (its spread)")
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=8, help="sequences per step (tokens per step = rows x seq_len)")
+    parser.add_argument("--eval_tokens", type=int, default=262144, help="val tokens scored at the end of each run")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--tok_chars", type=int, default=100_000_000, help="tokenizer training text (at most)")
+    parser.add_argument("--base_dir", default=os.path.expanduser("~/.cache/nanochat-recipe"), help="the bench's own data folder")
+    parser.add_argument("--results", default=None, help="finished rows (default: BASE_DIR/recipe_results.jsonl)")
+    parser.add_argument("--rerun", nargs="*", default=[], help="configurations to run again even if finished")
+    parser.add_argument("--list", action="store_true", help="print the configurations and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name, flags in CONFIGS.items():
+            print(f"{name:24s} {' '.join(flags) or '(base_train defaults)'}")
+        return
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"error: unknown configuration(s) {unknown}; --list shows them")
+
+    env = {**os.environ, "NANOCHAT_BASE_DIR": args.base_dir}
+    prepare(env, args)
+    results = args.results or os.path.join(args.base_dir, "recipe_results.jsonl")
+    rows = [json.loads(line) for line in open(results)] if os.path.exists(results) else []
+    rows = [r for r in rows if r["config"] not in args.rerun]
+    done = {(r["config"], r["depth"], r["steps"], r["seed"]) for r in rows}
+    for depth in args.depths:
+        for steps in args.steps:
+            for name in args.configs:
+                for seed in args.baseline_seeds if name == "baseline" else args.seeds:
+                    if (name, depth, steps, seed) in done:
+                        continue
+                    print(f"training {name} (depth {depth}, {steps} steps, seed {seed}) ...", flush=True)
+                    row = train(env, args, name, depth, steps, seed)
+                    print(f"  val bpb {row['val_bpb']:.4f}, median step {row['step_ms']:.0f} ms", flush=True)
+                    rows.append(row)
+                    with open(results, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    print(f"\n{args.rows * args.seq_len} tokens per step, vocab {args.vocab}, val: {args.eval_tokens:,} tokens of whole documents\n")
+    for depth in args.depths:
+        for steps in args.steps:
+            print(table(rows, depth, steps))
+
+
+if __name__ == "__main__":
+    main()
