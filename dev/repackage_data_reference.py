@@ -68,7 +68,8 @@ def repackage(pattern, output_dir, chars_per_shard=250_000_000, row_group_size=1
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", required=True, help="glob of source parquet files with a `text` column")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--chars_per_shard", type=int, default=250_000_000)

@@ -68,17 +68,34 @@ def stream_reply(engine, prompt, max_tokens, temperature, top_k, seed):
         yield tokens[0]
 
 
-class TextStream:
-    """Token ids in, text out: the bytes of a character split across tokens are held back until
-    the character is complete (invalid bytes become U+FFFD)."""
+class ReplyStream:
+    """
+    A reply's token ids in, readable pieces out: (part, text), where part is "text", "python" (a
+    calculator call the model wrote) or "python_output" (the tool's result, which the engine
+    forced in), as in a conversation's message parts. The marker tokens around calls and results
+    are not text: each gives an empty piece of the part it begins, so a reader sees a part begin
+    before its text. The bytes of a character split across tokens are held back until the
+    character is complete (invalid bytes become U+FFFD).
+    """
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.begins = {special("<|python_start|>"): "python", special("<|python_end|>"): "text",
+                       special("<|output_start|>"): "python_output", special("<|output_end|>"): "text"}
+        self.tokenizer, self.part = tokenizer, "text"
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id):
-        return self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        """The pieces that one more token completes (a list, often of one piece, maybe empty)."""
+        if token_id in self.begins:
+            pieces = self.flush()
+            self.part = self.begins[token_id]
+            return pieces + [(self.part, "")]
+        text = self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        return [(self.part, text)] if text else []
 
     def flush(self):
-        return self.decoder.decode(b"", final=True)
+        """What is held back, at the end of the reply."""
+        text = self.decoder.decode(b"", final=True)
+        return [(self.part, text)] if text else []
 

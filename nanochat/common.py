@@ -6,6 +6,7 @@ torch is imported inside the functions that need it, so that data tools such as
 `python -m nanochat.dataset` start instantly.
 """
 
+import argparse
 import logging
 import os
 import sys
@@ -20,6 +21,22 @@ def get_base_dir():
 
 def get_rank():
     return int(os.environ.get("RANK", 0))
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the help already says what its default is, or
+    the default is None (unset)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser(description, prog=None):
+    """Every command's flag parser: flag names must be exact (argparse would otherwise take
+    --dept=4 as --depth=4), and --help shows each flag's default beside its description."""
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False, formatter_class=_HelpWithDefaults)
 
 
 def print0(*args, **kwargs):

@@ -7,7 +7,6 @@ CLI:     python -m nanochat.dataset -n 240 -w 4    # download the first 240 shar
          python -m nanochat.dataset --sample 3     # show 3 random documents
 """
 
-import argparse
 import os
 import random
 import sys
@@ -18,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, make_parser
 from nanochat.download import MIRROR_ENV, DownloadError, download, is_valid_parquet, resolve_url
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -159,13 +158,15 @@ def _sample_main(k, seed):
     return 0
 
 
+parser = make_parser(prog="python -m nanochat.dataset", description="Download and inspect the FineWeb-Edu pretraining shards.")
+parser.add_argument("-n", "--num_files", type=int, default=-1, help=f"shards to download, -1 = all {NUM_SHARDS}")
+parser.add_argument("-w", "--num_workers", type=int, default=4, help="parallel downloads")
+parser.add_argument("--info", action="store_true", help="describe the dataset and the local shards")
+parser.add_argument("--sample", type=int, metavar="K", help="print K random local documents")
+parser.add_argument("--seed", type=int, default=None, help="seed for --sample")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description="Download and inspect the FineWeb-Edu pretraining shards.")
-    parser.add_argument("-n", "--num_files", type=int, default=-1, help=f"shards to download, -1 = all {NUM_SHARDS}")
-    parser.add_argument("-w", "--num_workers", type=int, default=4, help="parallel downloads (default 4)")
-    parser.add_argument("--info", action="store_true", help="describe the dataset and the local shards")
-    parser.add_argument("--sample", type=int, metavar="K", help="print K random local documents")
-    parser.add_argument("--seed", type=int, default=None, help="seed for --sample")
     args = parser.parse_args(argv)
     if args.num_files == 0 or args.num_files < -1 or args.num_files > NUM_SHARDS:
         parser.error(f"-n must be between 1 and {NUM_SHARDS}, or -1 for all; got {args.num_files}")

@@ -10,7 +10,6 @@ its loss curves with `log_curves`); sections are markdown files under $NANOCHAT_
 installed, PNG plots of every stage's loss curves and of the summary table.
 """
 
-import argparse
 import datetime
 import glob
 import json
@@ -20,7 +19,7 @@ import re
 import subprocess
 import sys
 
-from nanochat.common import get_base_dir, get_rank
+from nanochat.common import get_base_dir, get_rank, make_parser
 
 # Stages in pipeline order: (report section, column of the summary table, metrics it shows)
 STAGES = [
@@ -248,10 +247,12 @@ def wall_time_and_cost(folder, gpu_price):
     return f"## Time and cost\n\n- total wall time: {hours * 60:.1f} min\n- estimated cost: {cost}"
 
 
+parser = make_parser(description="The report card of a run.")
+parser.add_argument("command", choices=["reset", "generate"], help="reset: start a new report; generate: write report.md")
+parser.add_argument("--gpu_price", type=float, default=None, help="USD per GPU-hour for the cost estimate")
+
+
 def main():
-    parser = argparse.ArgumentParser(description="The report card of a run.")
-    parser.add_argument("command", choices=["reset", "generate"])
-    parser.add_argument("--gpu_price", type=float, default=None, help="USD per GPU-hour for the cost estimate")
     args = parser.parse_args()
     report = Report(os.path.join(get_base_dir(), "report"))
     if args.command == "reset":

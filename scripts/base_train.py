@@ -5,12 +5,11 @@ Pretrain the GPT on FineWeb-Edu.
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
 """
 
-import argparse
 import time
 
 import torch
 
-from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
 from nanochat.core_eval import eval_bundle_dir, evaluate_core
 from nanochat.dataloader import cropped_fraction, tokenizing_distributed_data_loader
 from nanochat.download import DownloadError
@@ -20,10 +19,10 @@ from nanochat.loss_eval import EVAL_LOADER_KWARGS, evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import Trainer, add_common_flags, parse_args
 
-parser = argparse.ArgumentParser(description="Pretrain the GPT.")
+parser = make_parser(description="Pretrain the GPT.")
 add_common_flags(parser, device_batch_size=32, eval_every=250)
 parser.add_argument("--depth", type=int, default=20, help="layers; width = 64 * depth")
-parser.add_argument("--max_seq_len", type=int, default=2048)
+parser.add_argument("--max_seq_len", type=int, default=2048, help="context length of training rows, in tokens")
 parser.add_argument("--seed", type=int, default=42, help="initial weights' seed (the data order is fixed)")
 m = parser.add_argument_group("model options (default: the recipe's, nanochat.gpt.RECIPE)")
 m.add_argument("--value_embeds", type=int, choices=[0, 1], default=None, help="gated value embeddings on every other layer")

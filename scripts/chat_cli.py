@@ -8,23 +8,22 @@ In the conversation: `clear` starts over, `quit`/`exit` or Ctrl-D leave, Ctrl-C 
 A base model has never seen a conversation, so with `-i base` each line is simply continued.
 """
 
-import argparse
 import importlib
 import random
 import sys
 
-from nanochat.chat import TextStream, load_chat_model, model_label, reply_budget, stream_reply
-from nanochat.common import autodetect_device_type
+from nanochat.chat import ReplyStream, load_chat_model, model_label, reply_budget, stream_reply
+from nanochat.common import autodetect_device_type, make_parser
 from nanochat.training import parse_args
 
-parser = argparse.ArgumentParser(description="Chat with a trained model in the terminal.")
+parser = make_parser(description="Chat with a trained model in the terminal.")
 parser.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default=None,
                     help="which stage's model (default: sft, else mid, else base)")
 parser.add_argument("-g", "--model_tag", default=None, help="checkpoint folder (default: the newest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("-p", "--prompt", default="", help="answer this once and exit")
-parser.add_argument("-t", "--temperature", type=float, default=0.6)
-parser.add_argument("-k", "--top_k", type=int, default=50)
+parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")
 parser.add_argument("-m", "--max_tokens", type=int, default=512, help="longest answer, in tokens")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
 
@@ -65,15 +64,39 @@ def answer(conversation, text, args, out=sys.stdout):
         return
     if not conversation.complete_only:
         print("Assistant: ", end="", file=out, flush=True)
-    reply, stream = [], TextStream(engine.tokenizer)
+    reply, stream, shown = [], ReplyStream(engine.tokenizer), CallsInBrackets()
     try:
         for token in stream_reply(engine, prompt, budget, args.temperature, args.top_k, random.randrange(2**31)):
             reply.append(token)
-            print(stream.push(token), end="", file=out, flush=True)
+            print(shown.text(stream.push(token)), end="", file=out, flush=True)
     except KeyboardInterrupt:
         print(" [stopped]", end="", file=out)
-    print(stream.flush(), file=out, flush=True)
-    conversation.record(prompt, reply)
+    print(shown.text(stream.flush()) + shown.close(), file=out, flush=True)
+    conversation.record(prompt, reply)  # the tokens as sampled: a follow-up sees exactly what the model wrote
+
+
+class CallsInBrackets:
+    """How a reply reads in the terminal: its text, with a calculator call and its result as
+    [python: 42-3 = 39]. The bracket closes when text follows (a call may still get its result)."""
+
+    def __init__(self):
+        self.open = False
+
+    def text(self, pieces):
+        out = []
+        for part, text in pieces:
+            if part == "python" and not text:  # a call begins
+                out.append(self.close() + "[python: ")
+                self.open = True
+            elif part == "python_output" and not text:
+                out.append(" = ")
+            elif text:
+                out.append((self.close() if part == "text" else "") + text)
+        return "".join(out)
+
+    def close(self):
+        was_open, self.open = self.open, False
+        return "]" if was_open else ""
 
 
 def repl(conversation, args):

@@ -13,14 +13,13 @@ Generative tasks: -n samples per problem from the Engine (calculator tool on); a
 as solved if any sample is correct.
 """
 
-import argparse
 
 import torch
 import torch.distributed as dist
 
 from nanochat.chat import sample_replies
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
 from nanochat.download import DownloadError
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -40,17 +39,17 @@ TASKS = {
     "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
 }
 
-parser = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks.")
-parser.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default="sft")
+parser = make_parser(description="Evaluate a chat model on the chat tasks.")
+parser.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default="sft", help="the stage whose model to evaluate")
 parser.add_argument("-a", "--task_name", default=None, help=f"'|'-separated, from {'|'.join(TASKS)} (default: all)")
-parser.add_argument("-t", "--temperature", type=float, default=0.0)
-parser.add_argument("-m", "--max_new_tokens", type=int, default=512)
-parser.add_argument("-n", "--num_samples", type=int, default=1)
-parser.add_argument("-k", "--top_k", type=int, default=50)
+parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature of generative tasks (0 = greedy)")
+parser.add_argument("-m", "--max_new_tokens", type=int, default=512, help="longest answer of generative tasks, in tokens")
+parser.add_argument("-n", "--num_samples", type=int, default=1, help="answers per problem (pass@n)")
+parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")
 parser.add_argument("-b", "--batch_size", type=int, default=8, help="questions per forward (categorical tasks)")
 parser.add_argument("--sample_batch_size", type=int, default=256, help="rows sampled at once, problems x samples (generative tasks)")
-parser.add_argument("-g", "--model_tag", default=None)
-parser.add_argument("-s", "--step", type=int, default=None)
+parser.add_argument("-g", "--model_tag", default=None, help="checkpoint folder (default: the largest model of the stage)")
+parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("-x", "--max_problems", type=int, default=None, help="evaluate at most this many problems per task")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
 

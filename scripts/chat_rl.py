@@ -10,7 +10,6 @@ Every --eval_every steps: pass@1 and pass@k on GSM8K test.
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl
 """
 
-import argparse
 from collections import deque
 
 import torch
@@ -19,19 +18,19 @@ import torch.distributed as dist
 from nanochat.chat import sample_replies
 from nanochat.chat_batches import masked_rows
 from nanochat.checkpoint_manager import find_model_tag, load_model
-from nanochat.common import compute_cleanup, compute_init, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
 from nanochat.download import DownloadError
 from nanochat.engine import Engine
 from nanochat.training import Trainer, add_common_flags, parse_args
 from tasks.gsm8k import GSM8K
 
-parser = argparse.ArgumentParser(description="Improve a chat model on GSM8K by reinforcement learning.")
+parser = make_parser(description="Improve a chat model on GSM8K by reinforcement learning.")
 add_common_flags(parser, device_batch_size=8, eval_every=60, source="sft", init_lr_frac=0.05, warmdown_ratio=1.0)
 parser.add_argument("--examples_per_step", type=int, default=16, help="problems per step (all ranks)")
 parser.add_argument("--num_samples", type=int, default=16, help="answers sampled per problem")
-parser.add_argument("--max_new_tokens", type=int, default=256)
-parser.add_argument("--temperature", type=float, default=1.0)
-parser.add_argument("--top_k", type=int, default=50)
+parser.add_argument("--max_new_tokens", type=int, default=256, help="longest sampled answer, in tokens")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+parser.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens")
 parser.add_argument("--eval_examples", type=int, default=400, help="GSM8K test problems per evaluation")
 parser.add_argument("--eval_k", type=int, default=4, help="samples per problem for pass@k")
 parser.add_argument("--rollout_batch_size", type=int, default=-1,

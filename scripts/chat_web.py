@@ -5,12 +5,14 @@ Serve a trained model over HTTP, with a chat page.
     python -m scripts.chat_web -n 8 --host 0.0.0.0  # 8 GPUs: one model replica each, open to the network
 
 Endpoints: GET / (the chat page), POST /chat/completions (server-sent events
-`data: {"token": "..."}` ... `data: {"done": true}`), GET /health, GET /stats.
+`data: {"token": "...", "part": "text"}` ... `data: {"done": true}`), GET /health, GET /stats.
+A part is "text", "python" (a calculator call) or "python_output" (its result); an event with empty
+text begins a part. An assistant message sent back may be its list of parts
+`[{"type": "python", "text": "42-3"}, ...]`, so that the model sees its calls as it made them.
 Each replica answers one request at a time; requests wait for a free one. A client that goes away
 stops its answer, which frees the replica.
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -18,19 +20,21 @@ import random
 import sys
 import threading
 from contextlib import asynccontextmanager
+from typing import Literal
 
 import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 import nanochat
-from nanochat.chat import TextStream, load_chat_model, model_label, reply_budget, stream_reply
-from nanochat.common import autodetect_device_type
+from nanochat.chat import ReplyStream, load_chat_model, model_label, reply_budget, stream_reply
+from nanochat.common import autodetect_device_type, make_parser
 from nanochat.training import parse_args
 
-parser = argparse.ArgumentParser(description="Serve a trained model with a web chat UI.")
+parser = make_parser(description="Serve a trained model with a web chat UI.")
 parser.add_argument("-n", "--num_gpus", type=int, default=1, help="model replicas: one per GPU (on CPU/MPS they share the device)")
 parser.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default=None,
                     help="which stage's model (default: sft, else mid, else base)")
@@ -39,26 +43,58 @@ parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint ste
 parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
 parser.add_argument("-k", "--top_k", type=int, default=50, help="default top-k")
 parser.add_argument("-m", "--max_tokens", type=int, default=512, help="default longest answer, in tokens")
-parser.add_argument("-p", "--port", type=int, default=8000)
+parser.add_argument("-p", "--port", type=int, default=8000, help="port to serve on")
 parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
 
 # Request limits: enough for any real chat, small enough that no request can hog the server.
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
+RANGES = {"temperature": (0, 2), "top_k": (1, 200), "max_tokens": (1, 4096)}  # sampling settings, inclusive
 MAX_BODY_BYTES = 1 << 20
 UI_PATH = os.path.join(os.path.dirname(nanochat.__file__), "ui.html")
 
 
+class Part(BaseModel):
+    """A piece of an assistant message: text, a calculator call, or the call's result."""
+    type: Literal["text", "python", "python_output"]
+    text: str
+
+
 class Message(BaseModel):
     role: str
-    content: str
+    content: str | list[Part]  # an assistant's answer with calculator calls: its parts, as streamed
+
+
+def _in_range(name):
+    low, high = RANGES[name]
+    return Field(None, ge=low, le=high)
 
 
 class ChatRequest(BaseModel):
     messages: list[Message]
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_k: int | None = Field(None, ge=1, le=200)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = _in_range("temperature")
+    top_k: int | None = _in_range("top_k")
+    max_tokens: int | None = _in_range("max_tokens")
+
+
+def validation_message(errors):
+    """Pydantic's list of what was wrong with a request, as one readable line."""
+    lines = []
+    for e in errors:
+        where = ".".join(str(part) for part in e["loc"] if part != "body")
+        if e["type"] == "json_invalid":
+            lines.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+        elif where in RANGES and e["type"] in ("greater_than_equal", "less_than_equal"):
+            low, high = RANGES[where]
+            lines.append(f"{where} must be between {low} and {high}, not {e['input']!r}")
+        else:
+            lines.append(f"{where or 'body'}: {e['msg'][0].lower()}{e['msg'][1:]}")
+    return "; ".join(lines)
+
+
+def chars(message):
+    content = message.content
+    return len(content) if isinstance(content, str) else sum(len(part.text) for part in content)
 
 
 def check_conversation(messages):
@@ -68,9 +104,11 @@ def check_conversation(messages):
     for i, m in enumerate(messages):
         if m.role != ("user" if i % 2 == 0 else "assistant"):
             return f"message {i}: roles must alternate user, assistant, user, ... (got {m.role!r})"
-        if not 1 <= len(m.content) <= MAX_MESSAGE_CHARS:
+        if m.role == "user" and not isinstance(m.content, str):
+            return f"message {i}: a user's content must be text"
+        if not 1 <= chars(m) <= MAX_MESSAGE_CHARS:
             return f"message {i}: content must be 1 to {MAX_MESSAGE_CHARS} characters"
-    if sum(len(m.content) for m in messages) > MAX_TOTAL_CHARS:
+    if sum(chars(m) for m in messages) > MAX_TOTAL_CHARS:
         return f"the conversation is longer than {MAX_TOTAL_CHARS} characters; start a new chat"
     if messages[-1].role != "user":
         return "the last message must be from the user"
@@ -113,8 +151,9 @@ def sse(obj):
 
 
 def generate_in_thread(engine, prompt, budget, temperature, top_k, loop, events, cancelled, on_exit):
-    """Sample a reply on a worker thread (the event loop stays free), handing text pieces to
-    `events`; stops at the next token once `cancelled` is set. Calls on_exit(finished) on the loop."""
+    """Sample a reply on a worker thread (the event loop stays free), handing its (part, text)
+    pieces (nanochat.chat.ReplyStream) to `events`; stops at the next token once `cancelled` is
+    set. Calls on_exit(finished) on the loop."""
 
     def emit(kind, value=None):
         loop.call_soon_threadsafe(events.put_nowait, (kind, value))
@@ -122,14 +161,14 @@ def generate_in_thread(engine, prompt, budget, temperature, top_k, loop, events,
     def run():
         finished = False
         try:
-            stream = TextStream(engine.tokenizer)
+            stream = ReplyStream(engine.tokenizer)
             for token in stream_reply(engine, prompt, budget, temperature, top_k, random.randrange(2**31)):
                 if cancelled.is_set():
                     return
-                if text := stream.push(token):
-                    emit("token", text)
-            if text := stream.flush():
-                emit("token", text)
+                for piece in stream.push(token):
+                    emit("token", piece)
+            for piece in stream.flush():
+                emit("token", piece)
             emit("done")
             finished = True
         except Exception as e:  # report it to the client; the server goes on
@@ -149,6 +188,10 @@ def create_app(engines, args, label):
         yield
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc):
+        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
 
     @app.middleware("http")
     async def limit_body(request, call_next):
@@ -201,7 +244,8 @@ def create_app(engines, args, label):
                         return
                     continue
                 if kind == "token":
-                    yield sse({"token": value})
+                    part, text = value
+                    yield sse({"token": text, "part": part})
                 elif kind == "done":
                     yield sse({"done": True})
                     return
@@ -216,8 +260,11 @@ def create_app(engines, args, label):
 
 def main():
     args = parse_args(parser)
-    if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= 200 or not 1 <= args.max_tokens <= 4096 or args.num_gpus < 1:
-        parser.error("need 0 <= -t <= 2, 1 <= -k <= 200, 1 <= -m <= 4096 and -n >= 1")
+    for name, value in (("temperature", args.temperature), ("top_k", args.top_k), ("max_tokens", args.max_tokens)):
+        if not RANGES[name][0] <= value <= RANGES[name][1]:
+            parser.error(f"--{name} must be between {RANGES[name][0]} and {RANGES[name][1]}, not {value}")
+    if args.num_gpus < 1:
+        parser.error(f"--num_gpus must be at least 1, not {args.num_gpus}")
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
         parser.error(f"-n {args.num_gpus}: only {torch.cuda.device_count()} GPUs here")

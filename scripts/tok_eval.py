@@ -4,8 +4,7 @@ Compare our tokenizer's compression (bytes per token) with GPT-2's and GPT-4's o
     python -m scripts.tok_eval
 """
 
-import argparse
-
+from nanochat.common import make_parser
 from nanochat.dataset import parquets_iter_batched
 from nanochat.download import DownloadError
 from nanochat.report import get_report
@@ -47,8 +46,11 @@ def samples():
     return fixed
 
 
+parser = make_parser(description=__doc__.strip().split("\n\n")[0])
+
+
 def main():
-    argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0]).parse_args()
+    parser.parse_args()
     try:
         tokenizers = {"gpt2": RustBPETokenizer.from_pretrained("gpt2"), "gpt4": RustBPETokenizer.from_pretrained("cl100k_base"), "ours": get_tokenizer()}
         texts = samples()

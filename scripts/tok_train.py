@@ -4,26 +4,26 @@ Train the tokenizer on the pretraining shards.
     python -m scripts.tok_train --max_chars=2000000000 --doc_cap=10000 --vocab_size=65536
 """
 
-import argparse
 import itertools
 import os
 import time
 
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, make_parser
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer
 
-parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the pretraining shards.")
+parser = make_parser(description="Train the BPE tokenizer on the pretraining shards.")
 parser.add_argument("--max_chars", type=int, default=2_000_000_000, help="characters of training text to use")
 parser.add_argument("--doc_cap", type=int, default=10_000, help="use at most this many characters of each document")
 parser.add_argument("--vocab_size", type=int, default=65536, help="vocabulary size, special tokens included")
 
 
 def text_iterator(batches, max_chars, doc_cap, bar):
-    """Documents of the train split, each cut to doc_cap characters, until max_chars in total."""
+    """Documents of the train split, each cut to doc_cap characters, until max_chars in total.
+    If the split runs out first, the bar's total becomes what there was (it ends at 100%)."""
     total = 0
     for batch in batches:
         for doc in batch:
@@ -33,6 +33,8 @@ def text_iterator(batches, max_chars, doc_cap, bar):
             yield doc
             if total >= max_chars:
                 return
+    bar.total = total
+    bar.refresh()
 
 
 def main():
@@ -52,6 +54,9 @@ def main():
         raise SystemExit(f"error: {e}")
     chars = int(bar.n)
     print(f"trained on {chars:,} characters in {train_time:.2f}s ({chars / train_time / 1e6:.1f}M chars/s)")
+    if chars < args.max_chars:
+        print(f"that is all the text of the local train shards (--max_chars={args.max_chars:,} asked for more); "
+              f"more shards give more: python -m nanochat.dataset -n N")
 
     folder = os.path.join(get_base_dir(), "tokenizer")
     tokenizer.save(folder)

@@ -13,6 +13,15 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def missing(what, install):
+    """For a test that needs something the dev install does not bring: skip with one line saying
+    what to install, except under CI (CI=true, as .ci/run sets), where nothing may be left out."""
+    message = f"{what} is not installed: {install}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(autouse=True)
 def base_dir(tmp_path, monkeypatch):
     """Every test gets its own NANOCHAT_BASE_DIR and starts with no mirror set."""

@@ -1,5 +1,7 @@
 """scripts.chat_cli as users run it: one-shot prompts, and the REPL through a pseudo-terminal."""
 
+import argparse
+import io
 import os
 import pty
 import re
@@ -9,22 +11,66 @@ import signal
 import sys
 import time
 
-
 from conftest import REPO, run_module
-from nanochat.chat import TextStream
+from nanochat.chat import ReplyStream
+from nanochat.engine import Engine
+from scripts import chat_cli
+from test_engine import ScriptedModel, tok  # noqa: F401 (tok: a fixture)
 from nanochat.checkpoint_manager import PHASE_DIRS, load_model
 from nanochat.tokenizer import get_tokenizer
 
 
-def test_text_stream_never_splits_a_character(chat_env):
+def test_reply_stream_never_splits_a_character(chat_env):
     tokenizer = get_tokenizer()
     text = "naïve 日本語 🙂 — ok"
     ids = tokenizer.encode(text)
     naive = [tokenizer.decode([i]) for i in ids]
     assert any("\ufffd" in piece for piece in naive)  # byte-level tokens do cut characters here
-    stream = TextStream(tokenizer)
-    pieces = [stream.push(i) for i in ids] + [stream.flush()]
-    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    stream = ReplyStream(tokenizer)
+    pieces = [piece for i in ids for piece in stream.push(i)] + stream.flush()
+    assert "".join(t for _, t in pieces) == text and not any("\ufffd" in t for _, t in pieces)
+    assert {part for part, _ in pieces} == {"text"}
+
+
+def parts_of(pieces):
+    """A message's parts from (part, text) pieces, as the chat page builds them."""
+    parts = []
+    for part, text in pieces:
+        if parts and parts[-1]["type"] == part and text:
+            parts[-1]["text"] += text
+        else:
+            parts.append({"type": part, "text": text})
+    return [p for p in parts if p["type"] != "text" or p["text"]]
+
+
+def calculator_reply(tok):
+    """The tokens of a reply with a calculator call, and the script a model follows to write it
+    (0s where the engine forces the tool's output)."""
+    s = tok.encode_special
+    forced = [s("<|output_start|>"), *tok.encode("39"), s("<|output_end|>")]
+    call = [*tok.encode("It is "), s("<|python_start|>"), *tok.encode("42-3"), s("<|python_end|>")]
+    after = [*tok.encode(" apples."), s("<|assistant_end|>")]
+    return call + forced + after, call + [0] * len(forced) + after
+
+
+def test_reply_stream_parts_render_back_to_the_same_tokens(tok):
+    reply, _ = calculator_reply(tok)
+    stream = ReplyStream(tok)
+    parts = parts_of([piece for t in reply[:-1] for piece in stream.push(t)] + stream.flush())
+    assert parts == [{"type": "text", "text": "It is "}, {"type": "python", "text": "42-3"},
+                     {"type": "python_output", "text": "39"}, {"type": "text", "text": " apples."}]
+    conversation = {"messages": [{"role": "user", "content": "What is 42-3?"}, {"role": "assistant", "content": parts}]}
+    ids, _ = tok.render_conversation(conversation)
+    assert ids[-len(reply):] == reply  # what the web page sends back is what the model wrote
+
+
+def test_a_calculator_call_reads_as_one_bracket_and_the_conversation_keeps_its_tokens(tok):
+    reply, script = calculator_reply(tok)
+    conversation = chat_cli.Conversation(Engine(ScriptedModel(script, tok.get_vocab_size()), tok), complete_only=False)
+    out = io.StringIO()
+    chat_cli.answer(conversation, "What is 42-3?", argparse.Namespace(max_tokens=40, temperature=0.0, top_k=None), out=out)
+    assert out.getvalue() == "Assistant: It is [python: 42-3 = 39] apples.\n"
+    assert conversation.tokens[-len(reply):] == reply  # the follow-up sees exactly what the model wrote
 
 
 def test_prompt_once_with_a_base_model_continues_the_text(chat_env):

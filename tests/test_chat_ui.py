@@ -1,12 +1,13 @@
 """The chat page in a real headless Chromium (Debian's `chromium`, driven by Playwright) against the
 real chat_web server. Screenshots go to $NANOCHAT_TEST_ARTIFACTS (default: .test_artifacts/)."""
 
+import json
 import os
 import shutil
 
 import pytest
 
-from conftest import REPO, serve_chat
+from conftest import REPO, missing, serve_chat
 
 ARTIFACTS = os.environ.get("NANOCHAT_TEST_ARTIFACTS", os.path.join(REPO, ".test_artifacts"))
 
@@ -17,7 +18,7 @@ def browser():
 
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
-        pytest.fail("no chromium on PATH: `apt-get install chromium` (.ci/run does)")
+        missing("Chromium (chromium on PATH)", "apt-get install chromium (or your system's package)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         yield browser
@@ -76,6 +77,43 @@ def test_chat_stream_regenerate_edit_and_new_chat(browser, ui_server):
 
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
+    page.close()
+
+
+def test_a_calculator_call_shows_as_a_block_and_goes_back_as_the_model_made_it(browser, ui_server):
+    """The first answer holds a call and its result, streamed as the server streams them (pieces
+    with their parts; a tiny model rarely calls the calculator, so the page's network layer serves
+    this one); the follow-up goes to the real server, which gets the answer's parts and answers."""
+    pieces = [("text", "It is "), ("python", ""), ("python", "42"), ("python", "-3"), ("text", ""), ("python_output", ""),
+              ("python_output", "39"), ("text", ""), ("text", " apples.")]
+    stream = "".join(f"data: {json.dumps({'token': text, 'part': part})}\n\n" for part, text in pieces)
+    sent = []
+
+    def handle(route):
+        sent.append(json.loads(route.request.post_data))
+        if len(sent) == 1:
+            route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=stream + 'data: {"done": true}\n\n')
+        else:
+            route.continue_()
+
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    page.route("**/chat/completions", handle)
+    page.goto(ui_server)
+    page.fill("#input", "What is 42-3?")
+    page.keyboard.press("Enter")
+    wait_idle(page)
+    answer = page.locator(".message.assistant .bubble")
+    assert page.locator(".tool .call").all_inner_texts() == ["42-3"] and page.locator(".tool .result").all_inner_texts() == ["39"]
+    assert answer.inner_text().startswith("It is ") and answer.inner_text().endswith(" apples.") and "<|" not in answer.inner_text()
+    page.screenshot(path=os.path.join(ARTIFACTS, "chat_ui_tool_call.png"), full_page=True)
+
+    page.fill("#input", "And 5 more?")
+    page.click("#send")
+    wait_idle(page)
+    assert sent[1]["messages"][1] == {"role": "assistant", "content": [
+        {"type": "text", "text": "It is "}, {"type": "python", "text": "42-3"}, {"type": "python_output", "text": "39"},
+        {"type": "text", "text": " apples."}]}
+    assert page.locator(".message.error").count() == 0 and len(bubbles(page, "assistant")) == 2
     page.close()
 
 

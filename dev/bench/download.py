@@ -5,7 +5,6 @@ that throttles each connection (as CDNs do), on the same shards in one run.
     python dev/bench/download.py [--shards 8] [--mb 2] [--rate_mbps 2]
 """
 
-import argparse
 import io
 import os
 import subprocess
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
+from nanochat.common import make_parser  # noqa: E402
 from nanochat.dataset import BASE_URL, shard_name  # noqa: E402
 from tests.fault_server import FaultServer  # noqa: E402
 
@@ -47,7 +47,7 @@ def timed_download(server_url, num_shards, workers):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = make_parser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--mb", type=float, default=2.0, help="size of each shard")
     parser.add_argument("--rate_mbps", type=float, default=2.0, help="per-connection limit, MB/s")

@@ -20,7 +20,6 @@ end token, so every row generates exactly the tokens asked for.
 Every number is the best of --repeats runs (this kind of machine is noisy).
 """
 
-import argparse
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from nanochat.common import autodetect_device_type  # noqa: E402
+from nanochat.common import autodetect_device_type, make_parser  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, config_for_depth  # noqa: E402
 from nanochat.tokenizer import RustBPETokenizer  # noqa: E402
@@ -113,7 +112,7 @@ class Peer:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = make_parser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--new_tokens", type=int, default=64, help="new tokens per row in the batch table")
     parser.add_argument("--device_type", default=None)

@@ -15,7 +15,6 @@ and not rerun (--rerun to redo some), so the bench can be run a piece at a time.
     python dev/bench/recipe.py --list                           # the configurations and their flags
 """
 
-import argparse
 import json
 import os
 import re
@@ -24,6 +23,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+from nanochat.common import make_parser  # noqa: E402
 
 # The recipe before issue 14, pinned by flags so that "baseline" stays the same row whatever the
 # defaults become. "new" is base_train's defaults. Every other configuration is the baseline plus
@@ -67,7 +68,7 @@ def prepare(env, args):
     """The bench's shards and tokenizer (once)."""
     base = env["NANOCHAT_BASE_DIR"]
     os.makedirs(os.path.join(base, "recipe_logs"), exist_ok=True)
-    if not os.path.exists(os.path.join(base, "tokenizer", "tokenizer.pkl")):
+    if not os.path.exists(os.path.join(base, "tokenizer", "tokenizer.json")):
         print(f"preparing {base}: 8 shards, a {args.vocab}-token tokenizer on up to {args.tok_chars:,} characters", flush=True)
         run([sys.executable, "-m", "nanochat.dataset", "-n", "8"], env, os.path.join(base, "recipe_logs", "data.log"))
         run([sys.executable, "-m", "scripts.tok_train", f"--max_chars={args.tok_chars}", f"--vocab_size={args.vocab}"],
@@ -111,8 +112,7 @@ def table(rows, depth, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="configurations to run")
     parser.add_argument("--depths", nargs="+", type=int, default=[4, 6])
     parser.add_argument("--steps", nargs="+", type=int, default=[200, 400])

@@ -19,6 +19,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+from nanochat.common import make_parser  # noqa: E402
 
 
 def load_text(mb):
@@ -112,7 +113,7 @@ def run(name, args, vocab):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = make_parser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=50)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 65536])
     parser.add_argument("--threads", type=int, default=os.cpu_count())

@@ -12,7 +12,6 @@ machines (bf16 Newton–Schulz and embeddings on a CPU that runs bf16 ~150x slow
     python dev/bench/train.py --depths 20 --compile --fp8 --vocab 65536 --seq_len 2048 --batch 32   # one GPU
 """
 
-import argparse
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from nanochat.common import autodetect_device_type  # noqa: E402
+from nanochat.common import autodetect_device_type, make_parser  # noqa: E402
 from nanochat.gpt import GPT, config_for_depth  # noqa: E402
 from nanochat.optim import step_optimizers  # noqa: E402
 from nanochat.training import peak_flops  # noqa: E402
@@ -93,7 +92,7 @@ def loader_throughput(T, packing, tokens=2_000_000, B=8):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = make_parser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to start on CPU)")
     parser.add_argument("--fp8", action="store_true", help="also measure float8 matmuls (GPUs with compute capability 8.9+)")
