@@ -235,3 +235,27 @@ def test_device_batch_size_auto_and_accumulation_train_the_same_model(pretrain_e
         assert torch.allclose(p, q, atol=1e-4), name
     bad = run_module("scripts.base_train", *flags, "--device_batch_size=0")
     assert bad.returncode == 2 and "--device_batch_size: expected a positive number or 'auto'" in bad.stderr
+
+
+def test_recipe_bench_trains_each_configuration_and_tabulates_them(tmp_path, shared_mirror):
+    """dev/bench/recipe.py end to end, tiny: its own data and tokenizer, one row per
+    configuration and seed (real base_train runs), kept across invocations, and the table."""
+    bench = [sys.executable, "dev/bench/recipe.py", "--depths", "1", "--steps", "12", "--rows", "2", "--seq_len", "64",
+             "--vocab", "300", "--tok_chars", "300000", "--eval_tokens", "1024", "--base_dir", str(tmp_path / "bench")]
+    env = {**os.environ, "NANOCHAT_MIRROR": shared_mirror}
+    r = subprocess.run(bench + ["--configs", "baseline", "value_embeds"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "bench" / "recipe_results.jsonl").read_text().splitlines()]
+    assert [(row["config"], row["seed"]) for row in rows] == [("baseline", 1), ("baseline", 2), ("value_embeds", 1)]
+    logs = {row["config"]: (tmp_path / "bench" / "recipe_logs" / f"{row['config']}_d1_12_s{row['seed']}.log").read_text()
+            for row in rows}
+    assert "value_embeds=True" in logs["value_embeds"] and "value_embeds=False" in logs["baseline"]  # the flags took
+    assert rows[0]["val_bpb"] != rows[1]["val_bpb"]  # the seed changes the run
+    table = r.stdout[r.stdout.index("| config |"):]
+    assert re.search(r"\| baseline \| 2 \| [\d.]+ \| [\d.]+ \| \+0\.0000 \| \d+ \| 1\.00x \|", table)
+    assert re.search(r"\| value_embeds \| 1 \| [\d.]+ \| - \| [+-][\d.]+ \| \d+ \| [\d.]+x \|", table)
+
+    # Run again with one more configuration: only that one trains.
+    r = subprocess.run(bench + ["--configs", "baseline", "value_embeds", "normuon"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.count("training ") == 1 and "training normuon" in r.stdout

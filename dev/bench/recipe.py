@@ -85,7 +85,8 @@ def train(env, args, name, depth, steps, seed):
            "--sample_every=-1", "--dry_run=1", *CONFIGS[name]]
     text = run(cmd, env, os.path.join(base, "recipe_logs", f"{name}_d{depth}_{steps}_s{seed}.log"))
     bpb = float(re.findall(r"val bpb: ([0-9.]+)", text)[-1])
-    dts = [float(ms) for step, ms in re.findall(r"step (\d+)/\d+ .*?dt: ([0-9.]+)ms", text) if int(step) > 10]
+    dts = [(int(step), float(ms)) for step, ms in re.findall(r"step (\d+)/\d+ .*?dt: ([0-9.]+)ms", text)]
+    dts = [ms for step, ms in dts if step > 10] or [ms for _, ms in dts]  # (the first steps warm up)
     return {"config": name, "depth": depth, "steps": steps, "seed": seed, "flags": CONFIGS[name],
             "val_bpb": bpb, "step_ms": statistics.median(dts)}
 
@@ -130,7 +131,9 @@ def main():
     args = parser.parse_args()
     if args.list:
         for name, flags in CONFIGS.items():
-            print(f"{name:24s} {' '.join(flags) or '(base_train defaults)'}")
+            change = flags[len(BASELINE):] if name != "baseline" and flags[: len(BASELINE)] == BASELINE else None
+            described = "baseline " + " ".join(change) if change else " ".join(flags) or "(base_train's defaults)"
+            print(f"{name:22s} {described}")
         return
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -140,7 +143,10 @@ def main():
     prepare(env, args)
     results = args.results or os.path.join(args.base_dir, "recipe_results.jsonl")
     rows = [json.loads(line) for line in open(results)] if os.path.exists(results) else []
-    rows = [r for r in rows if r["config"] not in args.rerun]
+    if args.rerun:  # forget their rows, on disk too
+        rows = [r for r in rows if r["config"] not in args.rerun]
+        with open(results, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     done = {(r["config"], r["depth"], r["steps"], r["seed"]) for r in rows}
     for depth in args.depths:
         for steps in args.steps:
