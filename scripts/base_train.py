@@ -34,7 +34,7 @@ parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the 
 parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
 # horizon when --num_iterations is not set: the first of these that is set
 parser.add_argument("--target_flops", type=float, default=-1.0, help="training FLOPs budget")
-parser.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens per parameter (Chinchilla: 20)")
+parser.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens per parameter, value embeddings not counted (Chinchilla: 20)")
 parser.add_argument("--eval_tokens", type=int, default=-1, help="val tokens per evaluation (-1: 20 x total_batch_size)")
 parser.add_argument("--core_metric_every", type=int, default=2000, help="CORE every N steps (-1 = never; the full one is scripts.base_eval)")
 parser.add_argument("--core_metric_max_per_task", type=int, default=500, help="items per CORE task during training")
@@ -76,7 +76,10 @@ def main():
     if args.fp8:
         model.use_fp8()
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    num_iterations = horizon(args, num_params, flops_per_token)
+    # The tokens-per-parameter horizon leaves out the value embeddings: lookup tables as large as
+    # the rest of the model at depth 20, which would otherwise more than double the run.
+    horizon_params = num_params - sum(table.weight.numel() for table in model.value_embeds.values())
+    num_iterations = horizon(args, horizon_params, flops_per_token)
 
     # Batch: sequences per rank per micro-step, micro-steps per optimizer step
     trainer = Trainer(args, "base", model, device, num_iterations, args.total_batch_size, f"d{args.depth}")
@@ -88,7 +91,8 @@ def main():
     grad_accum = args.total_batch_size // (B * T * world_size)
     print0(f"model: {config}")
     print0(f"parameters: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | steps: {num_iterations:,} | "
-           f"tokens: {num_iterations * args.total_batch_size:,} ({num_iterations * args.total_batch_size / num_params:.1f}/param) | "
+           f"tokens: {num_iterations * args.total_batch_size:,} ({num_iterations * args.total_batch_size / horizon_params:.1f}/param "
+           f"without value embeddings) | "
            f"grad accumulation: {grad_accum} | total FLOPs: {flops_per_token * args.total_batch_size * num_iterations:.3e}")
     loader_state = trainer.resume()
     trainer.loop.setdefault("val_bpb", None)

@@ -259,3 +259,19 @@ def test_recipe_bench_trains_each_configuration_and_tabulates_them(tmp_path, sha
     r = subprocess.run(bench + ["--configs", "baseline", "value_embeds", "normuon"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.count("training ") == 1 and "training normuon" in r.stdout
+
+
+def test_the_horizon_counts_parameters_without_value_embeddings(pretrain_env):
+    """--target_param_data_ratio sets the steps from the parameters less the value embeddings'
+    lookup tables (counted here from the model, not from the script's arithmetic)."""
+    vocab = get_token_bytes().numel()
+    with torch.device("meta"):
+        model = GPT(config_for_depth(2, vocab, 64, value_embeds=True))
+    tables = sum(t.weight.numel() for t in model.value_embeds.values())
+    assert tables > 0
+    expected = round(0.004 * (model.num_params() - tables) / 128)
+    r = run_module("scripts.base_train", *TINY, "--value_embeds=1", "--target_param_data_ratio=0.004", "--eval_every=-1",
+                   "--dry_run=1")
+    assert r.returncode == 0, r.stderr
+    assert f"parameters: {model.num_params():,} " in r.stdout and f"| steps: {expected:,} |" in r.stdout
+    assert sorted(losses(r.stdout)[0]) == list(range(1, expected + 1))
