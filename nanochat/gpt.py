@@ -37,7 +37,7 @@ class GPTConfig:
     rotary_base: float = 10000.0
 
 
-RECIPE = dict(value_embeds=False, residual_scalars=False, softcap=15.0, rotary_base=10000.0)
+RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):

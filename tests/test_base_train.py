@@ -213,7 +213,8 @@ def test_auto_batch_size_takes_the_largest_that_fits_and_leaves_nothing_behind()
     assert largest_fitting_batch_size(RunsOutOfMemory(model, limit=0), [4, 2, 1], 32, torch.device("cpu"), 0) == (None, [4, 2, 1])
     # the optimizer state the probe keeps room for: AdamW's two moments and Muon's momentum, in float32
     adamw, muon = model.setup_optimizers()
-    embeddings = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
+    embeddings = sum(p.numel() for p in model.embeddings()) + model.lm_head.weight.numel()
+    assert len(model.embeddings()) == 2  # the recipe's: the token embedding and one value embedding
     assert adamw.state_bytes() == 8 * embeddings and muon.state_bytes() == 4 * (model.num_params() - embeddings)
 
 
