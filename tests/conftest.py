@@ -105,9 +105,9 @@ def chat_dir(pretrain_dir, tmp_path_factory):
     model = GPT(config)
     model.init_weights()
     with torch.no_grad():
-        for p in model.parameters():  # output projections start at zero: give attention a say
-            if not p.any():
-                p.normal_(0, 0.02)
+        for p in model.parameters():  # output projections (and gates) start at zero: give attention a
+            if not p.any():  # say, enough that an answer depends on the turns before the last
+                p.normal_(0, 0.05)
         for stop in ("<|assistant_end|>", "<|bos|>"):
             model.lm_head.weight[tokenizer.encode_special(stop)] = 0
     for phase in ("base", "sft"):
