@@ -62,6 +62,9 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g.add_argument("--matrix_weight_decay", type=float, default=0.0, help="Muon's cautious weight decay (times the LR)")
     g.add_argument("--newton_schulz", choices=["classic", "polar"], default="classic", help="Muon's orthogonalization")
     g.add_argument("--normuon_beta2", type=float, default=0.0, help="NorMuon's per-row normalization EMA (0 = off)")
+    g.add_argument("--momentum_warmup", type=int, default=300, help="steps over which Muon's momentum ramps from 0.85 to 0.95")
+    g.add_argument("--momentum_cooldown", type=float, default=0.0,
+                   help="fraction of the steps at the end over which Muon's momentum ramps back down to 0.85")
     g.add_argument("--init_lr_frac", type=float, default=init_lr_frac, help="start at this fraction of the LRs above")
     g.add_argument("--warmup_ratio", type=float, default=warmup_ratio, help="fraction of the steps that ramp the LRs up")
     g.add_argument("--warmdown_ratio", type=float, default=warmdown_ratio, help="fraction of the steps that ramp the LRs down at the end")
@@ -87,10 +90,14 @@ def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_f
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(step, start=0.85, end=0.95, ramp_steps=300):
-    """Muon's momentum ramps up over the first steps, when the loss landscape changes fastest."""
-    frac = min(step / ramp_steps, 1.0)
-    return (1 - frac) * start + frac * end
+def muon_momentum(step, num_iterations, warmup_steps, cooldown_ratio, low=0.85, high=0.95):
+    """Muon's momentum ramps up over the first steps, while the loss landscape changes fastest, and
+    optionally back down over the last ones, so the final updates average fewer stale gradients."""
+    up = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    cooldown = round(cooldown_ratio * num_iterations)
+    down = min((num_iterations - step) / cooldown, 1.0) if cooldown > 0 else 1.0
+    frac = min(up, down)
+    return (1 - frac) * low + frac * high
 
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
@@ -330,7 +337,7 @@ class Trainer:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lrm
             for group in muon.param_groups:
-                group["momentum"] = muon_momentum(self.step)
+                group["momentum"] = muon_momentum(self.step, self.num_iterations, args.momentum_warmup, args.momentum_cooldown)
             grad_norm = step_optimizers(self.optimizers, args.grad_clip)
             self.model.zero_grad(set_to_none=True)
             train_loss = float(step_loss)  # the step's mean loss; synchronizes, so the step time below is real

@@ -5,6 +5,7 @@ Pretrain the GPT on FineWeb-Edu.
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
 """
 
+import math
 import time
 
 import torch
@@ -31,7 +32,8 @@ m.add_argument("--softcap", type=float, default=None, help="logit soft cap")
 m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding base")
 MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
-parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
+parser.add_argument("--total_batch_size", type=int, default=-1,
+                    help="tokens per optimizer step (-1: by the batch rule, see batch_rule; 524288 at depth 20)")
 # horizon when --num_iterations is not set: the first of these that is set
 parser.add_argument("--target_flops", type=float, default=-1.0, help="training FLOPs budget")
 parser.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens per parameter, value embeddings not counted (Chinchilla: 20)")
@@ -44,6 +46,28 @@ SAMPLE_PROMPTS = [
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
     "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is",
 ]
+
+
+# The batch rule, for --total_batch_size=-1: the speedrun's 2^19 tokens per step at depth 20,
+# scaled with the model as the compute-optimal batch scales with the training tokens, B ~ D^0.383
+# (Bergsma et al. 2025, "Power Lines"); at a fixed tokens-per-parameter horizon D ~ N. The LRs
+# follow the batch as sqrt(B / 2^19), as Adam-type updates want (dev/bench/recipe.py's batch rows).
+REFERENCE_DEPTH, REFERENCE_BATCH = 20, 2**19
+
+
+def horizon_params(model):
+    """The parameters the horizon counts: all but the value-embedding tables, lookups as large as
+    the rest of the model at depth 20, which would otherwise more than double the run."""
+    return model.num_params() - sum(table.weight.numel() for table in model.value_embeds.values())
+
+
+def batch_rule(config, params):
+    """(tokens per step, LR scale) for a model of `params` horizon parameters."""
+    options = {k: getattr(config, k) for k in RECIPE}  # the reference has this model's options
+    with torch.device("meta"):
+        reference = GPT(config_for_depth(REFERENCE_DEPTH, config.vocab_size, config.sequence_len, **options))
+    batch = 2 ** round(math.log2(REFERENCE_BATCH * (params / horizon_params(reference)) ** 0.383))
+    return batch, math.sqrt(batch / REFERENCE_BATCH)
 
 
 def horizon(args, num_params, flops_per_token):
@@ -75,11 +99,13 @@ def main():
     model.init_weights()
     if args.fp8:
         model.use_fp8()
-    num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    # The tokens-per-parameter horizon leaves out the value embeddings: lookup tables as large as
-    # the rest of the model at depth 20, which would otherwise more than double the run.
-    horizon_params = num_params - sum(table.weight.numel() for table in model.value_embeds.values())
-    num_iterations = horizon(args, horizon_params, flops_per_token)
+    num_params, flops_per_token, counted = model.num_params(), model.estimate_flops(), horizon_params(model)
+    if args.total_batch_size == -1:
+        args.total_batch_size, lr_scale = batch_rule(config, counted)
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
+            setattr(args, name, getattr(args, name) * lr_scale)
+        print0(f"batch rule: {args.total_batch_size:,} tokens per step, LRs x {lr_scale:.3f}")
+    num_iterations = horizon(args, counted, flops_per_token)
 
     # Batch: sequences per rank per micro-step, micro-steps per optimizer step
     trainer = Trainer(args, "base", model, device, num_iterations, args.total_batch_size, f"d{args.depth}")
@@ -91,7 +117,7 @@ def main():
     grad_accum = args.total_batch_size // (B * T * world_size)
     print0(f"model: {config}")
     print0(f"parameters: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | steps: {num_iterations:,} | "
-           f"tokens: {num_iterations * args.total_batch_size:,} ({num_iterations * args.total_batch_size / horizon_params:.1f}/param "
+           f"tokens: {num_iterations * args.total_batch_size:,} ({num_iterations * args.total_batch_size / counted:.1f}/param "
            f"without value embeddings) | "
            f"grad accumulation: {grad_accum} | total FLOPs: {flops_per_token * args.total_batch_size * num_iterations:.3e}")
     loader_state = trainer.resume()

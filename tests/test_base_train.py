@@ -258,10 +258,12 @@ def test_recipe_bench_trains_each_configuration_and_tabulates_them(tmp_path, sha
     assert re.search(r"\| baseline \| 2 \| [\d.]+ \| [\d.]+ \| \+0\.0000 \| \d+ \| 1\.00x \|", table)
     assert re.search(r"\| value_embeds \| 1 \| [\d.]+ \| - \| [+-][\d.]+ \| \d+ \| [\d.]+x \|", table)
 
-    # Run again with one more configuration: only that one trains.
-    r = subprocess.run(bench + ["--configs", "baseline", "value_embeds", "normuon"], cwd=REPO, env=env, capture_output=True,
+    # Run again with one more configuration: only that one trains, here twice the batch for half the steps.
+    r = subprocess.run(bench + ["--configs", "baseline", "value_embeds", "new_batch_x2"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.count("training ") == 1 and "training normuon" in r.stdout
+    assert r.returncode == 0 and r.stdout.count("training ") == 1 and "training new_batch_x2" in r.stdout
+    log = (tmp_path / "bench" / "recipe_logs" / "new_batch_x2_d1_12_s1.log").read_text()
+    assert "total_batch_size=256," in log and "num_iterations=6," in log and "step 00006/00006" in log
 
 
 def test_the_horizon_counts_parameters_without_value_embeddings(pretrain_env):
@@ -278,3 +280,33 @@ def test_the_horizon_counts_parameters_without_value_embeddings(pretrain_env):
     assert r.returncode == 0, r.stderr
     assert f"parameters: {model.num_params():,} " in r.stdout and f"| steps: {expected:,} |" in r.stdout
     assert sorted(losses(r.stdout)[0]) == list(range(1, expected + 1))
+
+
+def test_batch_rule_scales_with_the_parameters():
+    from scripts.base_train import REFERENCE_BATCH, batch_rule, horizon_params
+    config = config_for_depth(20, 65536, 2048)
+    with torch.device("meta"):
+        reference = horizon_params(GPT(config))
+    assert reference == 560991360  # d20 without its value-embedding tables (test_gpt's closed form)
+    assert batch_rule(config, reference) == (REFERENCE_BATCH, 1.0)
+    # B ~ N^0.383: 2^(1/0.383) times the parameters doubles the batch; LRs follow as sqrt(B)
+    assert batch_rule(config, reference * 2 ** (1 / 0.383)) == (2 * REFERENCE_BATCH, pytest.approx(math.sqrt(2)))
+    assert batch_rule(config, reference / 2 ** (2 / 0.383)) == (REFERENCE_BATCH // 4, pytest.approx(0.5))
+    small = config_for_depth(4, 65536, 2048, value_embeds=False)  # the reference takes the model's options
+    with torch.device("meta"):
+        plain = horizon_params(GPT(config_for_depth(20, 65536, 2048, value_embeds=False)))
+    assert batch_rule(small, plain) == (REFERENCE_BATCH, 1.0)
+
+
+def test_default_batch_follows_the_rule(pretrain_env):
+    flags = [f for f in TINY if not f.startswith("--total_batch_size")]
+    r = run_module("scripts.base_train", *flags, "--num_iterations=1", "--eval_every=0", "--model_tag=rule")
+    assert r.returncode == 0, r.stderr
+    batch, scale = re.search(r"batch rule: ([\d,]+) tokens per step, LRs x ([\d.]+)", r.stdout).groups()
+    batch, scale = int(batch.replace(",", "")), float(scale)
+    assert batch == 2 ** round(math.log2(batch)) and batch < 2**19 and scale == pytest.approx(math.sqrt(batch / 2**19), abs=1e-3)
+    assert f"tokens: {batch:,} " in r.stdout  # the one step trained that many
+    with open(os.path.join(checkpoint_dir("base", "rule"), "meta_000001.json")) as f:
+        trained = json.load(f)["user_config"]  # what the run used, and what base_loss reads back
+    assert trained["total_batch_size"] == batch
+    assert trained["matrix_lr"] == pytest.approx(0.02 * scale, rel=1e-3) and trained["embedding_lr"] == pytest.approx(0.2 * scale, rel=1e-3)

@@ -233,3 +233,13 @@ def test_replicated_and_padded_optimizer_branches_two_ranks_equal_one_process(tm
             assert torch.allclose(a, b, atol=1e-6), i
     assert all(not torch.allclose(a, b) for a, b in zip(single["initial"], single["params"]))  # every one moved
     assert min(single["norms"]) > 1.0  # so clipping was at work
+
+
+def test_schedules_at_known_steps():
+    from nanochat.training import lr_multiplier, muon_momentum
+    # 100 steps: 10 of warmup, 30 of warmdown to 10% of the peak
+    assert [lr_multiplier(s, 100, 0.1, 0.3, 0.1) for s in (0, 4, 9, 10, 70, 85, 100)] == pytest.approx([0.1, 0.5, 1, 1, 1, 0.55, 0.1])
+    # momentum: 0.85 -> 0.95 over 20 steps, back to 0.85 over the last 30
+    assert [muon_momentum(s, 100, 20, 0.3) for s in (0, 10, 20, 70, 85, 100)] == pytest.approx([0.85, 0.9, 0.95, 0.95, 0.9, 0.85])
+    assert muon_momentum(150, 1000, 300, 0.0) == pytest.approx(0.9)  # the classic ramp, no cooldown
+    assert muon_momentum(0, 100, 0, 0.0) == pytest.approx(0.95)  # no warmup

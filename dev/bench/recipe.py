@@ -31,7 +31,12 @@ from nanochat.common import make_parser  # noqa: E402
 # one change, so each default change has a row of its own.
 BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0", "--matrix_weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
-            "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004"]
+            "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
+            "--momentum_warmup=300", "--momentum_cooldown=0.0"]
+# The batch rule's rows: today's defaults at twice the batch for half the steps (the same tokens),
+# with the LRs as they are and scaled by sqrt(2) as base_train's batch rule scales them.
+DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
+SQRT2_LRS = ["--matrix_lr=0.0283", "--embedding_lr=0.283", "--unembedding_lr=0.00566", "--scalar_lr=0.0283"]
 CONFIGS = {
     "baseline": BASELINE,
     "new": [],
@@ -50,6 +55,11 @@ CONFIGS = {
     "normuon": BASELINE + ["--normuon_beta2=0.95"],
     "matrix_wd_0.1": BASELINE + ["--matrix_weight_decay=0.1"],
     "embedding_wd_0.1": BASELINE + ["--weight_decay=0.1"],
+    "momentum_warmup_50": BASELINE + ["--momentum_warmup=50"],
+    "momentum_cooldown_0.5": BASELINE + ["--momentum_cooldown=0.5"],
+    # the batch rule (against "new", not the baseline)
+    "new_batch_x2": DOUBLE_BATCH,
+    "new_batch_x2_lr_sqrt2": DOUBLE_BATCH + SQRT2_LRS,
 }
 
 
@@ -75,6 +85,11 @@ def prepare(env, args):
             env, os.path.join(base, "recipe_logs", "tokenizer.log"))
 
 
+def flags(name, steps, tokens):
+    """A configuration's flags for a run of `steps` steps of `tokens` tokens."""
+    return [flag.format(half_steps=steps // 2, double_batch=2 * tokens) for flag in CONFIGS[name]]
+
+
 def train(env, args, name, depth, steps, seed):
     """One base_train run; its val bpb and median step time (ms, steps after the 10th)."""
     base = env["NANOCHAT_BASE_DIR"]
@@ -82,12 +97,12 @@ def train(env, args, name, depth, steps, seed):
     cmd = [sys.executable, "-m", "scripts.base_train", f"--depth={depth}", f"--max_seq_len={args.seq_len}",
            f"--device_batch_size={args.rows}", f"--total_batch_size={tokens}", f"--num_iterations={steps}",
            f"--seed={seed}", "--eval_every=0", f"--eval_tokens={args.eval_tokens}", "--core_metric_every=-1",
-           "--sample_every=-1", "--dry_run=1", *CONFIGS[name]]
+           "--sample_every=-1", "--dry_run=1", *flags(name, steps, tokens)]
     text = run(cmd, env, os.path.join(base, "recipe_logs", f"{name}_d{depth}_{steps}_s{seed}.log"))
     bpb = float(re.findall(r"val bpb: ([0-9.]+)", text)[-1])
     dts = [(int(step), float(ms)) for step, ms in re.findall(r"step (\d+)/\d+ .*?dt: ([0-9.]+)ms", text)]
     dts = [ms for step, ms in dts if step > 10] or [ms for _, ms in dts]  # (the first steps warm up)
-    return {"config": name, "depth": depth, "steps": steps, "seed": seed, "flags": CONFIGS[name],
+    return {"config": name, "depth": depth, "steps": steps, "seed": seed, "flags": flags(name, steps, tokens),
             "val_bpb": bpb, "step_ms": statistics.median(dts)}
 
 
