@@ -14,7 +14,8 @@ How a batch runs. Every sample is a row. Each distinct prompt is run through the
 of a cache of final size (layers, rows, kv heads, longest prompt + max_tokens, head dim). Then all
 rows decode together, one token each per step, each at its own position: row r's new key goes to
 slot pos[r] and its query attends to slots 0..pos[r] (one key mask per step, shared by every layer;
-slots not yet written hold zeros, so masking them is exact). A row stops on its own, at
+slots not yet written hold zeros, so masking them is exact; a layer with a sliding window also
+masks the slots before its window). A row stops on its own, at
 <|assistant_end|> or <|bos|> or its budget (max_tokens, capped by the model's context); its later
 tokens are ignored, and the batch ends when every row has stopped. Greedy decoding gives a prompt
 the tokens it gets alone (exactly on CPU in float32; on a GPU, matmuls of other batch shapes may
@@ -36,7 +37,7 @@ import time
 
 import torch
 
-from nanochat.gpt import causal_attention, sample
+from nanochat.gpt import causal_attention, layer_window, sample
 
 logger = logging.getLogger(__name__)
 MAX_FORCED_TOKENS = 64  # room for one tool output in a row (a longer result is refused)
@@ -63,6 +64,8 @@ class KVCache:
         self.t = torch.zeros(1, dtype=torch.long, device=device)  # the step, on the device (graph replays advance it)
         self.steps = 0  # the same, on the host (eager calls advance it)
         self.slots = torch.arange(budget, device=device)
+        self.prompt_slots = torch.arange(prompt_len, device=device)
+        self.windows = [layer_window(i, c) for i in range(c.n_layer)]  # keys each layer's query sees (0: all)
 
     def start(self, lengths):
         """A new batch of prompts of these lengths (in place: a CUDA graph holds these tensors)."""
@@ -87,12 +90,18 @@ class KVCache:
         """One new token per row: keep its key and value, attend over its prompt's and its reply's."""
         self.reply_k[layer].index_copy_(2, self.t, k)
         self.reply_v[layer].index_copy_(2, self.t, v)
-        reply_k, reply_v, reply_mask = self.reply_k[layer], self.reply_v[layer], None
+        reply_k, reply_v, reply_mask, prompt_mask = self.reply_k[layer], self.reply_v[layer], None, self.prompt_mask
+        slots = self.slots
         if self.static:
-            reply_mask = self.slots <= self.t
+            reply_mask = slots <= self.t
         else:
-            reply_k, reply_v = reply_k[:, :, : self.steps + 1], reply_v[:, :, : self.steps + 1]
-        y = _prompt_and_reply_attention(q, self.prompt_k[layer], self.prompt_v[layer], self.prompt_mask,
+            reply_k, reply_v, slots = reply_k[:, :, : self.steps + 1], reply_v[:, :, : self.steps + 1], slots[: self.steps + 1]
+        window = self.windows[layer]
+        if window:  # the query is at position pos = len(prompt) + t: prompt slot j is in if j > pos - window, reply slot s if s > t - window
+            prompt_mask = prompt_mask & (self.prompt_slots > (self.pos - window)[:, None, None, None])
+            in_window = slots > self.t - window
+            reply_mask = in_window if reply_mask is None else reply_mask & in_window
+        y = _prompt_and_reply_attention(q, self.prompt_k[layer], self.prompt_v[layer], prompt_mask,
                                         reply_k, reply_v, reply_mask)
         if layer == self.reply_k.size(0) - 1:
             self.pos += 1
@@ -114,7 +123,7 @@ class _PromptView:
         n = k.size(2)
         self.cache.prompt_k[layer, self.index, :, :n] = k[0]
         self.cache.prompt_v[layer, self.index, :, :n] = v[0]
-        return causal_attention(q, k, v)
+        return causal_attention(q, k, v, self.cache.windows[layer])
 
 
 def _prompt_and_reply_attention(q, prompt_k, prompt_v, prompt_mask, reply_k, reply_v, reply_mask):

@@ -35,9 +35,10 @@ class GPTConfig:
     residual_scalars: bool = False  # learned per-layer weights of the residual stream and of a skip from the input
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap)
     rotary_base: float = 10000.0
+    window: int = 0  # attention window of three layers in four, in tokens (0: every layer sees the whole context)
 
 
-RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0)  # dev/bench/recipe.py
+RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -52,6 +53,13 @@ def config_for_depth(depth, vocab_size, sequence_len, **overrides):
 def has_value_embed(layer_idx, n_layer):
     """Value embeddings go to every other layer, counting back from the last."""
     return (n_layer - 1 - layer_idx) % 2 == 0
+
+
+def layer_window(layer_idx, config):
+    """How many keys (itself included) a layer's query sees: config.window on three layers of every
+    four, 0 (all) on the fourth and the last, through which the short layers' information travels."""
+    short = config.window > 0 and layer_idx % 4 != 3 and layer_idx != config.n_layer - 1
+    return config.window if short else 0
 
 
 class Linear(nn.Linear):
@@ -85,7 +93,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.window = layer_idx, layer_window(layer_idx, config)
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
@@ -108,20 +116,43 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if kv_cache is None:
-            y = causal_attention(q, k, v)
+            y = causal_attention(q, k, v, self.window)
         else:  # the cache stores k and v, and attends over everything it holds
             y = kv_cache.attend(self.layer_idx, q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def causal_attention(q, k, v):
-    """q's Tq positions are the last of k's Tk; each attends to the keys at and before it.
-    (B, heads, Tq, head_dim) over (B, kv_heads, Tk, head_dim)."""
+def causal_attention(q, k, v, window=0):
+    """q's Tq positions are the last of k's Tk; each attends to the keys at and before it, or with a
+    window, to the last `window` of those. (B, heads, Tq, head_dim) over (B, kv_heads, Tk, head_dim)."""
     Tq, Tk = q.size(2), k.size(2)
-    if Tq == Tk:
+    window = window if 0 < window < Tk else 0
+    if Tq == Tk and not window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    if window and q.device.type in FLEX_DEVICES and torch.compiler.is_compiling():  # a kernel that skips the masked blocks
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=sliding_window_blocks(Tq, Tk, window, q.device), enable_gqa=True)
+    q_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    k_pos = torch.arange(Tk, device=q.device)
+    mask = (k_pos <= q_pos) & (k_pos > q_pos - window) if window else k_pos <= q_pos
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+# Where sliding windows run through flex_attention when the model is compiled (its fused kernel
+# exists only under torch.compile); elsewhere, and eagerly, SDPA takes a dense band mask.
+FLEX_DEVICES = {"cuda"}
+
+
+def sliding_window_blocks(Tq, Tk, window, device):
+    """flex_attention's block mask of the band: query i (at position Tk - Tq + i) sees keys j with
+    position - window < j <= position."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = Tk - Tq
+
+    def keep(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + offset) & (kv_idx > q_idx + offset - window)
+
+    return create_block_mask(keep, None, None, Tq, Tk, device=device)
 
 
 class MLP(nn.Module):
@@ -260,11 +291,13 @@ class GPT(nn.Module):
 
     def estimate_flops(self):
         """FLOPs per token of a training step: 6 per matmul weight (forward + backward) plus the
-        attention score and value matmuls. Lookups and per-layer scalars cost nothing worth counting."""
+        attention score and value matmuls over the keys a layer sees (its window, if shorter than the
+        context). Lookups and per-layer scalars cost nothing worth counting."""
         c = self.config
         head_dim = c.n_embd // c.n_head
         matmul_params = self.num_params() - sum(p.numel() for p in self.embeddings() + self.scalars())
-        return 6 * matmul_params + 12 * c.n_layer * c.n_head * head_dim * c.sequence_len
+        keys = sum(min(layer_window(i, c) or c.sequence_len, c.sequence_len) for i in range(c.n_layer))
+        return 6 * matmul_params + 12 * c.n_head * head_dim * keys
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.02,
                          matrix_weight_decay=0.0, newton_schulz="classic", normuon_beta2=0.0):

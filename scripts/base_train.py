@@ -30,7 +30,8 @@ m.add_argument("--value_embeds", type=int, choices=[0, 1], default=None, help="g
 m.add_argument("--residual_scalars", type=int, choices=[0, 1], default=None, help="learned per-layer residual and input-skip weights")
 m.add_argument("--softcap", type=float, default=None, help="logit soft cap")
 m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding base")
-MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base")
+m.add_argument("--window", type=int, default=None, help="sliding attention window of three layers in four, in tokens (0 = off)")
+MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
 parser.add_argument("--total_batch_size", type=int, default=-1,
                     help="tokens per optimizer step (-1: by the batch rule, see batch_rule; 524288 at depth 20)")

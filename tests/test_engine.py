@@ -21,7 +21,7 @@ def tok():
     return RustBPETokenizer.train_from_iterator(iter([TEXT]), 300)
 
 
-@pytest.fixture(scope="module", params=[None, (4, 2)], ids=["1 head", "GQA 4/2"])
+@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4)], ids=["1 head", "GQA 4/2", "GQA, 4-token window"])
 def model(tok, request):
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()
@@ -29,8 +29,9 @@ def model(tok, request):
         if request.param is None:  # the depth dial's shape: one 128-dim head
             m = GPT(config_for_depth(2, vocab, 64))
         else:
-            n_head, n_kv_head = request.param
-            m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128))
+            n_head, n_kv_head, window = request.param  # (a window on the first layer: shorter than most prompts)
+            m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128,
+                              window=window))
     m.to_empty(device=DEVICE)
     m.init_weights()
     with torch.no_grad():

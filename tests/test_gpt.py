@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, apply_rotary, causal_attention, config_for_depth, norm
+from nanochat.gpt import GPT, GPTConfig, apply_rotary, causal_attention, config_for_depth, norm, sliding_window_blocks
 from nanochat.optim import step_optimizers
 
 
@@ -102,9 +102,10 @@ def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
     return model.eval()
 
 
-def naive_attention(attn, x, cos, sin):
+def naive_attention(attn, x, cos, sin, window=0):
     """Causal self-attention written head by head: query head h reads key/value head
-    h // (n_head / n_kv_head); scores, softmax and the weighted sum spelled out."""
+    h // (n_head / n_kv_head); scores, softmax and the weighted sum spelled out. With a window,
+    query i reads keys i - window + 1 .. i."""
     B, T, C = x.shape
     hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
     q = attn.c_q(x).view(B, T, attn.n_head, hd)
@@ -112,6 +113,8 @@ def naive_attention(attn, x, cos, sin):
     v = attn.c_v(x).view(B, T, attn.n_kv_head, hd)
     q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
     causal = torch.ones(T, T, dtype=torch.bool).tril()
+    if window:
+        causal &= torch.ones(T, T, dtype=torch.bool).triu(diagonal=1 - window)
     heads = []
     for h in range(attn.n_head):
         qh, kh, vh = q[:, :, h], k[:, :, h // group], v[:, :, h // group]  # (B, T, hd)
@@ -128,6 +131,45 @@ def test_attention_matches_a_head_by_head_reference(shape):
     cos, sin = model.cos[:, :10], model.sin[:, :10]
     with torch.no_grad():
         assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-5)
+
+
+def test_sliding_window_attention_matches_the_reference():
+    """The windowed layers (three in four, the last one full) against the head-by-head reference."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=1000, n_layer=6, n_head=4, n_kv_head=2, n_embd=128, window=3))
+    model.init_weights()
+    assert [block.attn.window for block in model.transformer.h] == [3, 3, 3, 0, 3, 0]
+    x = torch.randn(2, 10, 128)
+    cos, sin = model.cos[:, :10], model.sin[:, :10]
+    with torch.no_grad():
+        for layer in (0, 3):
+            attn = model.transformer.h[layer].attn
+            attn.c_proj.weight.normal_(std=0.05)
+            assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin, attn.window), atol=1e-5)
+        attn = model.transformer.h[0].attn
+        assert not torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-3)  # the window matters
+
+
+def test_compiled_sliding_window_runs_flex_attention_on_the_band(monkeypatch):
+    """Under torch.compile (as training runs on GPUs) the window goes through flex_attention's block
+    mask; it computes what the dense band mask does (forward only: flex has no CPU backward)."""
+    import nanochat.gpt
+
+    blocks = []
+    monkeypatch.setattr(nanochat.gpt, "FLEX_DEVICES", {"cpu"})
+    monkeypatch.setattr(nanochat.gpt, "sliding_window_blocks", lambda *a: blocks.append(a) or sliding_window_blocks(*a))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 300, 32), torch.randn(2, 2, 300, 32), torch.randn(2, 2, 300, 32)
+    with torch.no_grad():
+        flex = torch.compile(causal_attention, fullgraph=True)(q, k, v, 200)
+    assert blocks == [(300, 300, 200, q.device)]
+    assert torch.allclose(flex, causal_attention(q, k, v, 200), atol=1e-5)
+
+
+def test_sliding_window_flops_count_the_keys_each_layer_sees():
+    model = make(6, seq=64, window=16, **PLAIN)
+    C = 64 * 6
+    assert model.estimate_flops() == 6 * (12 * 6 * C * C + 1024 * C) + 12 * C * (4 * 16 + 2 * 64)  # 4 short layers, 2 full
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
