@@ -8,6 +8,9 @@ with tiktoken, prepends BOS to every document, and packs documents into rows of 
   length; each row takes the longest document that still fits, again and again, and when none
   fits it fills the rest with the start of the shortest one (the remainder is cropped: dropped).
   A document longer than a whole row starts a row of its own, where cropping it wastes least.
+- "bestfit_keep": the same, but what would be cropped goes back into the buffer as a piece of its
+  own (nothing is dropped; a row may then start mid-document, as whole-document evaluation's
+  windows do).
 - "concat": documents back to back, split wherever a row ends (nothing is dropped).
 
 Every batch comes with a `state`: where reading continues and which documents sit in the buffer.
@@ -54,6 +57,9 @@ def _row_groups(paths, rank, world_size, start, log_level=logging.INFO):
         logger.log(log_level, "data loader: starting epoch %d of %d shard(s)", epoch, len(paths))
 
 
+PACKINGS = ("bestfit", "bestfit_keep", "concat")
+
+
 def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", resume_state=None, packing="bestfit",
                                        buffer_docs=1000, tokenizer_threads=4, tokenizer_batch=128, rank=None, world_size=None):
     """An iterator of (inputs, targets, state), forever: (B, T) int64 tensors on `device`, targets =
@@ -61,8 +67,8 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
     error here, at creation, not at the first batch."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    if packing not in ("bestfit", "concat"):
-        raise ValueError(f"packing must be 'bestfit' or 'concat', not {packing!r}")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, not {packing!r}")
     if rank is None or world_size is None:
         from nanochat.common import get_dist_info
 
@@ -115,7 +121,7 @@ def _batches(tokenizer, B, T, split, paths, device, state, packing, buffer_docs,
                 texts += row_group
             for src, tokens in zip(sources, tokenize(texts)):
                 item = (len(tokens), src, tokens, 0)
-                if packing == "bestfit":
+                if packing != "concat":
                     bisect.insort(buffer, item, key=lambda x: x[0])
                 else:
                     buffer.append(item)
@@ -127,7 +133,7 @@ def _batches(tokenizer, B, T, split, paths, device, state, packing, buffer_docs,
             while filled < row_len:
                 refill()
                 room = row_len - filled
-                if packing == "bestfit":
+                if packing != "concat":
                     if room == row_len and buffer[-1][0] > row_len:
                         i = len(buffer) - 1  # too long for any row: cropped least when it fills a whole one
                     else:
@@ -140,6 +146,8 @@ def _batches(tokenizer, B, T, split, paths, device, state, packing, buffer_docs,
                 filled += take
                 if take < length and packing == "concat":
                     buffer.insert(0, (length - take, src, tokens, off + take))  # continues in the next row
+                elif take < length and packing == "bestfit_keep":
+                    bisect.insort(buffer, (length - take, src, tokens, off + take), key=lambda x: x[0])
                 elif take < length:
                     stats["cropped"] += length - take
                 stats["used"] += take

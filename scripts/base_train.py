@@ -12,7 +12,7 @@ import torch
 
 from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
 from nanochat.core_eval import eval_bundle_dir, evaluate_core
-from nanochat.dataloader import cropped_fraction, tokenizing_distributed_data_loader
+from nanochat.dataloader import PACKINGS, cropped_fraction, tokenizing_distributed_data_loader
 from nanochat.download import DownloadError
 from nanochat.fp8 import supported as fp8_supported
 from nanochat.gpt import GPT, RECIPE, config_for_depth
@@ -33,6 +33,7 @@ m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding
 m.add_argument("--window", type=int, default=None, help="sliding attention window of three layers in four, in tokens (0 = off)")
 MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
+parser.add_argument("--packing", choices=PACKINGS, default="bestfit", help="how documents fill training rows (nanochat.dataloader)")
 parser.add_argument("--total_batch_size", type=int, default=-1,
                     help="tokens per optimizer step (-1: by the batch rule, see batch_rule; 524288 at depth 20)")
 # horizon when --num_iterations is not set: the first of these that is set
@@ -126,7 +127,8 @@ def main():
     trainer.loop.setdefault("min_val_bpb", None)
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * args.total_batch_size
     try:
-        train_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device, resume_state=loader_state)
+        train_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "train", device, resume_state=loader_state,
+                                                          packing=args.packing)
         tokenizing_distributed_data_loader(tokenizer, B, T, "val", device)  # fail now, not at the first eval
         if 0 < args.core_metric_every <= num_iterations:
             eval_bundle_dir()

@@ -66,7 +66,7 @@ def test_bestfit_rows_are_whole_documents_and_one_cropped_tail(pretrain_env):
     assert 0 < cropped_fraction(state) < 1
 
 
-@pytest.mark.parametrize("packing", ["bestfit", "concat"])
+@pytest.mark.parametrize("packing", ["bestfit", "bestfit_keep", "concat"])
 def test_resume_state_reproduces_the_next_batches(pretrain_env, packing):
     tok = get_tokenizer()
     kwargs = dict(rank=1, world_size=2, packing=packing, buffer_docs=50, tokenizer_batch=64)
@@ -84,6 +84,30 @@ def test_concat_packing_drops_nothing(pretrain_env):
     first_doc = documents(tok)[0]
     assert row[: len(first_doc)].tolist() == first_doc[: len(row)]
     assert cropped_fraction(state) == 0
+
+
+def test_bestfit_keep_drops_nothing(pretrain_env):
+    """What best-fit would crop goes back to the buffer: the tokens emitted plus those still in the
+    buffer are exactly the tokens of the documents read, and some rows start mid-document."""
+    tok = get_tokenizer()
+    bos = tok.get_bos_token_id()
+    loader = tokenizing_distributed_data_loader(tok, 4, 128, "train", rank=0, world_size=1, packing="bestfit_keep",
+                                                buffer_docs=20, tokenizer_batch=20)
+    batches = take(loader, 30)
+    state = batches[-1][2]
+    rows = np.concatenate([np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1) for x, y, _ in batches])
+    assert cropped_fraction(state) == 0 and (rows[:, 0] != bos).any()
+    epoch, shard, rg = state["next_position"]
+    assert epoch == 0
+    read = {}  # (shard, row group) -> its documents, for every row group read so far
+    for s, path in enumerate(list_parquet_files()[: shard + 1]):
+        file = pq.ParquetFile(path)
+        for g in range(file.metadata.num_row_groups if s < shard else rg):
+            read[s, g] = tok.encode(file.read_row_group(g, columns=["text"]).column("text").to_pylist(), prepend=bos)
+    left = [read[s, g][doc][off:] for (_, s, g, doc), off in zip(state["buffer"], state["offsets"])]
+    vocab = tok.get_vocab_size()
+    count = lambda seqs: np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in seqs]), minlength=vocab)  # noqa: E731
+    assert (count(list(rows)) + count(left or [[]]) == count([d for docs in read.values() for d in docs])).all()
 
 
 def test_no_shards_is_a_clear_error(base_dir):
