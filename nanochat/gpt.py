@@ -36,9 +36,10 @@ class GPTConfig:
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap)
     rotary_base: float = 10000.0
     window: int = 0  # attention window of three layers in four, in tokens (0: every layer sees the whole context)
+    attn_scale: float = 0.0  # the attention scores' scale (0: 1/sqrt(head_dim))
 
 
-RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0)  # dev/bench/recipe.py
+RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0, attn_scale=0.0)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -97,6 +98,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        # attention computes q.k / sqrt(head_dim); another scale is folded into the (normed) queries
+        self.q_gain = config.attn_scale * math.sqrt(self.head_dim) if config.attn_scale else None
         self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
@@ -114,6 +117,8 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        if self.q_gain is not None:
+            q = q * self.q_gain
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if kv_cache is None:
             y = causal_attention(q, k, v, self.window)

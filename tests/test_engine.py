@@ -21,7 +21,7 @@ def tok():
     return RustBPETokenizer.train_from_iterator(iter([TEXT]), 300)
 
 
-@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4)], ids=["1 head", "GQA 4/2", "GQA, 4-token window"])
+@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4)], ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12"])
 def model(tok, request):
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()
@@ -31,7 +31,7 @@ def model(tok, request):
         else:
             n_head, n_kv_head, window = request.param  # (a window on the first layer: shorter than most prompts)
             m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128,
-                              window=window))
+                              window=window, attn_scale=0.12 if window else 0.0))
     m.to_empty(device=DEVICE)
     m.init_weights()
     with torch.no_grad():

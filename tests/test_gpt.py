@@ -102,10 +102,10 @@ def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
     return model.eval()
 
 
-def naive_attention(attn, x, cos, sin, window=0):
+def naive_attention(attn, x, cos, sin, window=0, scale=None):
     """Causal self-attention written head by head: query head h reads key/value head
     h // (n_head / n_kv_head); scores, softmax and the weighted sum spelled out. With a window,
-    query i reads keys i - window + 1 .. i."""
+    query i reads keys i - window + 1 .. i. Scores are scaled by 1/sqrt(head_dim) unless `scale` says otherwise."""
     B, T, C = x.shape
     hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
     q = attn.c_q(x).view(B, T, attn.n_head, hd)
@@ -118,7 +118,7 @@ def naive_attention(attn, x, cos, sin, window=0):
     heads = []
     for h in range(attn.n_head):
         qh, kh, vh = q[:, :, h], k[:, :, h // group], v[:, :, h // group]  # (B, T, hd)
-        scores = (qh @ kh.transpose(1, 2) / math.sqrt(hd)).masked_fill(~causal, float("-inf"))
+        scores = (qh @ kh.transpose(1, 2) * (scale or hd**-0.5)).masked_fill(~causal, float("-inf"))
         heads.append(scores.softmax(-1) @ vh)
     return attn.c_proj(torch.cat(heads, dim=-1))
 
@@ -148,6 +148,18 @@ def test_sliding_window_attention_matches_the_reference():
             assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin, attn.window), atol=1e-5)
         attn = model.transformer.h[0].attn
         assert not torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-3)  # the window matters
+
+
+def test_attention_scale_scales_the_scores():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, attn_scale=0.3))
+    model.init_weights()
+    attn = model.transformer.h[0].attn
+    x, cos, sin = torch.randn(2, 10, 128), model.cos[:, :10], model.sin[:, :10]
+    with torch.no_grad():
+        attn.c_proj.weight.normal_(std=0.05)
+        assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin, scale=0.3), atol=1e-5)
+        assert not torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-3)
 
 
 def test_compiled_sliding_window_runs_flex_attention_on_the_band(monkeypatch):

@@ -32,7 +32,7 @@ from nanochat.common import make_parser  # noqa: E402
 BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0", "--matrix_weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
-            "--momentum_warmup=300", "--momentum_cooldown=0.0", "--window=0", "--packing=bestfit"]
+            "--momentum_warmup=300", "--momentum_cooldown=0.0", "--window=0", "--attn_scale=0", "--packing=bestfit"]
 # The batch rule's rows: today's defaults at twice the batch for half the steps (the same tokens),
 # with the LRs as they are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
@@ -52,6 +52,7 @@ CONFIGS = {
     "softcap_30": BASELINE + ["--softcap=30"],
     "window_128": BASELINE + ["--window=128"],
     "rotary_base_100k": BASELINE + ["--rotary_base=100000"],
+    "attn_scale_0.12": BASELINE + ["--attn_scale=0.12"],  # 1/sqrt(128) = 0.088 before
     # the data: what training rows hold
     "packing_bestfit_keep": BASELINE + ["--packing=bestfit_keep"],
     "packing_concat": BASELINE + ["--packing=concat"],
