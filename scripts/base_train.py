@@ -41,6 +41,8 @@ parser.add_argument("--total_batch_size", type=int, default=-1,
 parser.add_argument("--target_flops", type=float, default=-1.0, help="training FLOPs budget")
 parser.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens per parameter, value embeddings not counted (Chinchilla: 20)")
 parser.add_argument("--eval_tokens", type=int, default=-1, help="val tokens per evaluation (-1: 20 x total_batch_size)")
+parser.add_argument("--eval_doc_starts", type=int, choices=[0, 1], default=0,
+                    help="1 = at the end, also score val rows packed best-fit (mostly each document's first tokens)")
 parser.add_argument("--core_metric_every", type=int, default=2000, help="CORE every N steps (-1 = never; the full one is scripts.base_eval)")
 parser.add_argument("--core_metric_max_per_task", type=int, default=500, help="items per CORE task during training")
 parser.add_argument("--sample_every", type=int, default=2000, help="greedy samples every N steps (0 = only at the end)")
@@ -149,6 +151,10 @@ def main():
             loop["val_bpb"], loop["min_val_bpb"] = bpb, min(bpb, loop["min_val_bpb"] or bpb)
             print0(f"step {step:05d} | val bpb: {bpb:.6f}")
             metrics["val/bpb"] = bpb
+        if last and args.eval_doc_starts:  # what a packing does to the start of documents, which prompts resemble
+            starts = tokenizing_distributed_data_loader(tokenizer, B, T, "val", device, buffer_docs=128, tokenizer_batch=128)
+            bpb = evaluate_bpb(model, starts, max(1, eval_tokens // (B * T * world_size)), token_bytes)
+            print0(f"step {step:05d} | val bpb at document starts: {bpb:.6f}")
         if args.core_metric_every > 0 and step > 0 and step % args.core_metric_every == 0:
             core = evaluate_core(model, tokenizer, device, args.core_metric_max_per_task, rank, world_size)["core"]
             loop["core_metric"] = metrics["core_metric"] = core

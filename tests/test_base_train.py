@@ -255,8 +255,9 @@ def test_recipe_bench_trains_each_configuration_and_tabulates_them(tmp_path, sha
     assert "value_embeds=True" in logs["value_embeds"] and "value_embeds=False" in logs["baseline"]  # the flags took
     assert rows[0]["val_bpb"] != rows[1]["val_bpb"]  # the seed changes the run
     table = r.stdout[r.stdout.index("| config |"):]
-    assert re.search(r"\| baseline \| 2 \| [\d.]+ \| [\d.]+ \| \+0\.0000 \| \d+ \| 1\.00x \|", table)
-    assert re.search(r"\| value_embeds \| 1 \| [\d.]+ \| - \| [+-][\d.]+ \| \d+ \| [\d.]+x \|", table)
+    assert re.search(r"\| baseline \| 2 \| [\d.]+ \| [\d.]+ \| \+0\.0000 \| [\d.]+ \| \d+ \| 1\.00x \|", table)
+    assert re.search(r"\| value_embeds \| 1 \| [\d.]+ \| - \| [+-][\d.]+ \| [\d.]+ \| \d+ \| [\d.]+x \|", table)
+    assert all(row["doc_start_bpb"] != row["val_bpb"] for row in rows)  # two different val packings
 
     # Run again with one more configuration: only that one trains, here twice the batch for half the steps.
     r = subprocess.run(bench + ["--configs", "baseline", "value_embeds", "new_batch_x2"], cwd=REPO, env=env, capture_output=True,

@@ -7,7 +7,8 @@ Each row is a real `python -m scripts.base_train` run with its own flags (a conf
 list of flags on top of base_train's defaults), in a bench folder of its own: the mirror's (or
 the web's) first 8 pretraining shards (0-6 train, 7 val) and a tokenizer trained on up to 100M
 characters of them. Validation is the same for every row (loss_eval: whole documents in order),
-so rows with different packing or context compare. Finished rows are kept in a JSON-lines file
+so rows with different packing or context compare; beside it, the val rows packed best-fit
+(mostly the first tokens of each document, which prompts resemble). Finished rows are kept in a JSON-lines file
 and not rerun (--rerun to redo some), so the bench can be run a piece at a time.
 
     python dev/bench/recipe.py                                  # the CPU preset, every configuration
@@ -103,13 +104,14 @@ def train(env, args, name, depth, steps, seed):
     cmd = [sys.executable, "-m", "scripts.base_train", f"--depth={depth}", f"--max_seq_len={args.seq_len}",
            f"--device_batch_size={args.rows}", f"--total_batch_size={tokens}", f"--num_iterations={steps}",
            f"--seed={seed}", "--eval_every=0", f"--eval_tokens={args.eval_tokens}", "--core_metric_every=-1",
-           "--sample_every=-1", "--dry_run=1", *flags(name, steps, tokens)]
+           "--sample_every=-1", "--dry_run=1", "--eval_doc_starts=1", *flags(name, steps, tokens)]
     text = run(cmd, env, os.path.join(base, "recipe_logs", f"{name}_d{depth}_{steps}_s{seed}.log"))
     bpb = float(re.findall(r"val bpb: ([0-9.]+)", text)[-1])
+    doc_starts = float(re.findall(r"val bpb at document starts: ([0-9.]+)", text)[-1])
     dts = [(int(step), float(ms)) for step, ms in re.findall(r"step (\d+)/\d+ .*?dt: ([0-9.]+)ms", text)]
     dts = [ms for step, ms in dts if step > 10] or [ms for _, ms in dts]  # (the first steps warm up)
     return {"config": name, "depth": depth, "steps": steps, "seed": seed, "flags": flags(name, steps, tokens),
-            "val_bpb": bpb, "step_ms": statistics.median(dts)}
+            "val_bpb": bpb, "doc_start_bpb": doc_starts, "step_ms": statistics.median(dts)}
 
 
 def table(rows, depth, steps):
@@ -123,13 +125,16 @@ def table(rows, depth, steps):
     mean = lambda rs, k: statistics.mean(r[k] for r in rs)  # noqa: E731
     ref = by_config.get("baseline")
     lines = [f"depth {depth}, {steps} steps", "",
-             "| config | seeds | val bpb | seed spread | Δ bpb vs baseline | step ms | step time vs baseline |", "|---|---|---|---|---|---|---|"]
+             "| config | seeds | val bpb | seed spread | Δ bpb vs baseline | doc-start bpb | step ms | step time vs baseline |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(by_config.items(), key=lambda kv: mean(kv[1], "val_bpb")):
         bpbs = [r["val_bpb"] for r in rs]
         spread = f"{max(bpbs) - min(bpbs):.4f}" if len(rs) > 1 else "-"
         delta = f"{mean(rs, 'val_bpb') - mean(ref, 'val_bpb'):+.4f}" if ref else "-"
         ratio = f"{mean(rs, 'step_ms') / mean(ref, 'step_ms'):.2f}x" if ref else "-"
-        lines.append(f"| {name} | {len(rs)} | {mean(rs, 'val_bpb'):.4f} | {spread} | {delta} | {mean(rs, 'step_ms'):.0f} | {ratio} |")
+        starts = [r["doc_start_bpb"] for r in rs if "doc_start_bpb" in r]  # (rows from before it was measured lack it)
+        starts = f"{statistics.mean(starts):.4f}" if starts else "-"
+        lines.append(f"| {name} | {len(rs)} | {mean(rs, 'val_bpb'):.4f} | {spread} | {delta} | {starts} | {mean(rs, 'step_ms'):.0f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
