@@ -110,7 +110,7 @@ else
     ROWS+=("$(printf '%-12s %-7s %5d   %s' base-fp8 skipped 0 'no float8 matmuls on this device')")
 fi
 # And with sliding windows of a quarter of the context on three layers in four (flex_attention, compiled).
-check base-window "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]}" --window=$((SEQ_LEN / 4)) --dry_run=1 \
+check base-window "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]}" --window=0.25 --dry_run=1 \
     --model_tag=gpucheck-window
 check base-loss 'val bpb: [0-9.]+' "${RUN[@]}" -m scripts.base_loss -- "${TAG[@]}" --split_tokens="$TOTAL_BATCH" \
     --device_batch_size=8

@@ -35,11 +35,11 @@ class GPTConfig:
     residual_scalars: bool = False  # learned per-layer weights of the residual stream and of a skip from the input
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap)
     rotary_base: float = 10000.0
-    window: int = 0  # attention window of three layers in four, in tokens (0: every layer sees the whole context)
+    window: float = 0.0  # attention window of three layers in four, as a fraction of sequence_len (0: the whole context)
     attn_scale: float = 0.0  # the attention scores' scale (0: 1/sqrt(head_dim))
 
 
-RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0, attn_scale=0.0)  # dev/bench/recipe.py
+RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.0, attn_scale=0.0)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -57,10 +57,11 @@ def has_value_embed(layer_idx, n_layer):
 
 
 def layer_window(layer_idx, config):
-    """How many keys (itself included) a layer's query sees: config.window on three layers of every
-    four, 0 (all) on the fourth and the last, through which the short layers' information travels."""
+    """How many keys (itself included) a layer's query sees: config.window of the training context on
+    three layers of every four, 0 (all) on the fourth and the last, through which the short layers'
+    information travels. In tokens, fixed by the training length (generation past it keeps them)."""
     short = config.window > 0 and layer_idx % 4 != 3 and layer_idx != config.n_layer - 1
-    return config.window if short else 0
+    return max(1, round(config.window * config.sequence_len)) if short else 0
 
 
 class Linear(nn.Linear):

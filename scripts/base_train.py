@@ -30,7 +30,7 @@ m.add_argument("--value_embeds", type=int, choices=[0, 1], default=None, help="g
 m.add_argument("--residual_scalars", type=int, choices=[0, 1], default=None, help="learned per-layer residual and input-skip weights")
 m.add_argument("--softcap", type=float, default=None, help="logit soft cap")
 m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding base")
-m.add_argument("--window", type=int, default=None, help="sliding attention window of three layers in four, in tokens (0 = off)")
+m.add_argument("--window", type=float, default=None, help="sliding attention window of three layers in four, a fraction of max_seq_len (0 = off)")
 m.add_argument("--attn_scale", type=float, default=None, help="scale of the attention scores (0 = 1/sqrt(head_dim))")
 MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")

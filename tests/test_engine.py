@@ -21,7 +21,7 @@ def tok():
     return RustBPETokenizer.train_from_iterator(iter([TEXT]), 300)
 
 
-@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4)], ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12"])
+@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4 / 64)], ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12"])
 def model(tok, request):
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()

@@ -136,7 +136,7 @@ def test_attention_matches_a_head_by_head_reference(shape):
 def test_sliding_window_attention_matches_the_reference():
     """The windowed layers (three in four, the last one full) against the head-by-head reference."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=1000, n_layer=6, n_head=4, n_kv_head=2, n_embd=128, window=3))
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=1000, n_layer=6, n_head=4, n_kv_head=2, n_embd=128, window=3 / 64))
     model.init_weights()
     assert [block.attn.window for block in model.transformer.h] == [3, 3, 3, 0, 3, 0]
     x = torch.randn(2, 10, 128)
@@ -179,7 +179,7 @@ def test_compiled_sliding_window_runs_flex_attention_on_the_band(monkeypatch):
 
 
 def test_sliding_window_flops_count_the_keys_each_layer_sees():
-    model = make(6, seq=64, window=16, **PLAIN)
+    model = make(6, seq=64, window=0.25, **PLAIN)  # 16 tokens
     C = 64 * 6
     assert model.estimate_flops() == 6 * (12 * 6 * C * C + 1024 * C) + 12 * C * (4 * 16 + 2 * 64)  # 4 short layers, 2 full
 

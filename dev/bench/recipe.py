@@ -51,7 +51,7 @@ CONFIGS = {
     "value_embeds": BASELINE + ["--value_embeds=1"],
     "residual_scalars": BASELINE + ["--residual_scalars=1"],
     "softcap_30": BASELINE + ["--softcap=30"],
-    "window_128": BASELINE + ["--window=128"],
+    "window_0.25": BASELINE + ["--window=0.25"],  # 128 tokens of 512
     "rotary_base_100k": BASELINE + ["--rotary_base=100000"],
     "attn_scale_0.12": BASELINE + ["--attn_scale=0.12"],  # 1/sqrt(128) = 0.088 before
     # the data: what training rows hold
