@@ -39,7 +39,7 @@ class GPTConfig:
     attn_scale: float = 0.0  # the attention scores' scale (0: 1/sqrt(head_dim))
 
 
-RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.0, attn_scale=0.0)  # dev/bench/recipe.py
+RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.25, attn_scale=0.0)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):

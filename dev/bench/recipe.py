@@ -64,6 +64,8 @@ CONFIGS = {
     "embedding_wd_0.1": BASELINE + ["--weight_decay=0.1"],
     "momentum_warmup_50": BASELINE + ["--momentum_warmup=50"],
     "momentum_cooldown_0.5": BASELINE + ["--momentum_cooldown=0.5"],
+    # the recipe before sliding windows became a default
+    "values_warmdown": BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5"],
     # the batch rule (against "new", not the baseline)
     "new_batch_x2": DOUBLE_BATCH,
     "new_batch_x2_lr_sqrt2": DOUBLE_BATCH + SQRT2_LRS,
