@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, apply_rotary, causal_attention, config_for_depth, norm, sliding_window_blocks
+from nanochat.gpt import (GPT, GPTConfig, apply_rotary, causal_attention, config_for_depth, layer_window, norm,
+                          sliding_window_blocks)
 from nanochat.optim import step_optimizers
 
 
@@ -18,11 +19,11 @@ def make(depth, vocab=1000, seq=64, seed=0, **options):
     return model
 
 
-PLAIN = dict(value_embeds=False, residual_scalars=False)
-RICH = dict(value_embeds=True, residual_scalars=True)
+PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0)
+RICH = dict(value_embeds=True, residual_scalars=True, window=0.25)
 
 
-@pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "value embeds + scalars"])
+@pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "value embeds + scalars + windows"])
 @pytest.mark.parametrize("depth", [1, 2, 4, 6])
 def test_parameter_count_and_flops_closed_form(depth, options):
     vocab, seq = 1000, 64
@@ -32,7 +33,9 @@ def test_parameter_count_and_flops_closed_form(depth, options):
     gates = n_ve * min(32, C) * model.config.n_head  # each reads 32 channels, one gate per kv head
     scalars = 2 * depth if options["residual_scalars"] else 0
     assert model.num_params() == 12 * depth * C * C + 2 * padded * C + n_ve * padded * C + gates + scalars
-    assert model.estimate_flops() == 6 * (12 * depth * C * C + padded * C + gates) + 12 * depth * C * seq
+    short = sum(1 for i in range(depth - 1) if i % 4 != 3) if options["window"] else 0  # windowed layers: 3 in 4, not the last
+    keys = short * seq // 4 + (depth - short) * seq  # the keys each layer's attention reads
+    assert model.estimate_flops() == 6 * (12 * depth * C * C + padded * C + gates) + 12 * C * keys
     head_dim = C // model.config.n_head
     assert head_dim == min(C, 128)
 
@@ -66,10 +69,12 @@ def test_logits_are_cropped_and_ignored_targets_do_not_count():
 
 class TinyKVCache:
     """The KV-cache protocol the model expects: get_pos(), and attend(layer, q, k, v), which keeps
-    k and v and attends over all of them."""
+    k and v and attends over all of them (or a windowed layer's last ones)."""
 
-    def __init__(self, n_layer):
+    def __init__(self, config):
+        n_layer = config.n_layer
         self.k, self.v, self.pos, self.n_layer = [None] * n_layer, [None] * n_layer, 0, n_layer
+        self.windows = [layer_window(i, config) for i in range(n_layer)]
 
     def get_pos(self):
         return self.pos
@@ -79,7 +84,7 @@ class TinyKVCache:
         self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], dim=2)
         if layer == self.n_layer - 1:
             self.pos += k.size(2)
-        return causal_attention(q, self.k[layer], self.v[layer])
+        return causal_attention(q, self.k[layer], self.v[layer], self.windows[layer])
 
 
 # Heads of 128 dims (the depth dial's), and narrower heads: 4 query heads sharing 2 or 1 key/value heads.
@@ -130,7 +135,7 @@ def test_attention_matches_a_head_by_head_reference(shape):
     x = torch.randn(3, 10, 128)
     cos, sin = model.cos[:, :10], model.sin[:, :10]
     with torch.no_grad():
-        assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-5)
+        assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin, attn.window), atol=1e-5)
 
 
 def test_sliding_window_attention_matches_the_reference():
@@ -179,7 +184,7 @@ def test_compiled_sliding_window_runs_flex_attention_on_the_band(monkeypatch):
 
 
 def test_sliding_window_flops_count_the_keys_each_layer_sees():
-    model = make(6, seq=64, window=0.25, **PLAIN)  # 16 tokens
+    model = make(6, seq=64, **{**PLAIN, "window": 0.25})  # 16 tokens
     C = 64 * 6
     assert model.estimate_flops() == 6 * (12 * 6 * C * C + 1024 * C) + 12 * C * (4 * 16 + 2 * 64)  # 4 short layers, 2 full
 
@@ -189,7 +194,7 @@ def test_kv_cache_matches_full_forward(shape):
     model = make_live(shape)
     x = torch.randint(0, 1000, (3, 20))  # three different rows
     full = model(x)
-    cache = TinyKVCache(2)
+    cache = TinyKVCache(model.config)
     pieces = [model(x[:, :12], kv_cache=cache)]  # prefill, then a chunk, then one token at a time
     pieces.append(model(x[:, 12:15], kv_cache=cache))
     pieces += [model(x[:, t : t + 1], kv_cache=cache) for t in range(15, 20)]
@@ -235,7 +240,7 @@ def test_residual_scalars_against_a_hand_written_forward():
 def test_neutral_options_compute_the_plain_model():
     """Value embeddings of zero, residual weights of 1 and input-skip weights of 0 change nothing:
     the options add to the model, they do not disturb what was there."""
-    plain, rich = make_live(None, options=PLAIN), make_live(None, options=RICH)
+    plain, rich = make_live(None, options=PLAIN), make_live(None, options={**RICH, "window": 0.0})
     missing = rich.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["resid_lambdas", "transformer.h.1.attn.ve_gate.weight", "value_embeds.1.weight", "x0_lambdas"]
     with torch.no_grad():
