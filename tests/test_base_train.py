@@ -233,9 +233,11 @@ def test_device_batch_size_auto_and_accumulation_train_the_same_model(pretrain_e
     a, _, _ = load_model("base", "cpu", model_tag="auto")
     b, _, _ = load_model("base", "cpu", model_tag="split")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        # Value-embedding rows of rarely seen tokens get Adam's sign-like first steps, which turn
-        # float32 rounding of the summed gradient into up to ~3e-3 (in float64: 1e-13).
-        assert torch.allclose(p, q, atol=5e-3 if name.startswith("value_embeds") else 1e-4), name
+        # Value-embedding entries of rarely seen tokens get Adam's sign-like first steps, which can
+        # turn float32 rounding of a near-zero summed gradient into a step of the other sign (in
+        # float64 the two agree to 1e-13): a few entries in a thousand, not the table.
+        off = (p - q).abs() > 1e-4
+        assert off.float().mean() < (1e-2 if name.startswith("value_embeds") else 1e-12), (name, int(off.sum()))
     bad = run_module("scripts.base_train", *flags, "--device_batch_size=0")
     assert bad.returncode == 2 and "--device_batch_size: expected a positive number or 'auto'" in bad.stderr
 
