@@ -258,12 +258,13 @@ class GPT(nn.Module):
         return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([sin, -sin], -1)[None, :, None, :]  # (1, T, 1, head_dim)
 
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, scale=1.0):
         """Fill every parameter (the model may have been built on the meta device) and settle, now
-        that the device is known, the rotary tables and the compute dtype."""
+        that the device is known, the rotary tables and the compute dtype. `scale` multiplies the
+        standard deviation of the blocks' input matrices and value tables (1/sqrt(fan_in) at 1)."""
         nn.init.normal_(self.transformer.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
-        bound = math.sqrt(3.0 / self.config.n_embd)  # uniform with variance 1/fan_in
+        bound = scale * math.sqrt(3.0 / self.config.n_embd)  # uniform with variance scale^2/fan_in
         for block in self.transformer.h:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(linear.weight, -bound, bound)

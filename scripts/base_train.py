@@ -33,6 +33,7 @@ m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding
 m.add_argument("--window", type=float, default=None, help="sliding attention window of three layers in four, a fraction of max_seq_len (0 = off)")
 m.add_argument("--attn_scale", type=float, default=None, help="scale of the attention scores (0 = 1/sqrt(head_dim))")
 MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale")
+parser.add_argument("--init_scale", type=float, default=1.0, help="initial std of the blocks' input matrices, times 1/sqrt(width)")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
 parser.add_argument("--packing", choices=PACKINGS, default="bestfit", help="how documents fill training rows (nanochat.dataloader)")
 parser.add_argument("--total_batch_size", type=int, default=-1,
@@ -101,7 +102,7 @@ def main():
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(args.init_scale)
     if args.fp8:
         model.use_fp8()
     num_params, flops_per_token, counted = model.num_params(), model.estimate_flops(), horizon_params(model)

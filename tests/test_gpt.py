@@ -49,6 +49,22 @@ def test_depth_20_is_the_speedrun_model():
     assert tables == 10 * 65536 * 1280
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_init_scale_sets_the_input_matrices_std(scale):
+    """Uniform init: std = scale / sqrt(width) for the blocks' input matrices and value tables;
+    the output projections start at zero whatever the scale."""
+    torch.manual_seed(0)
+    model = GPT(config_for_depth(4, 1000, 64, value_embeds=True))
+    model.init_weights(scale)
+    width = model.config.n_embd
+    inputs = [b.attn.c_q.weight for b in model.transformer.h] + [b.mlp.c_fc.weight for b in model.transformer.h]
+    inputs += [t.weight for t in model.value_embeds.values()]
+    for w in inputs:
+        assert abs(w.std().item() * math.sqrt(width) / scale - 1) < 0.03
+        assert w.abs().max().item() <= scale * math.sqrt(3 / width)
+    assert all(not b.mlp.c_proj.weight.any() for b in model.transformer.h)
+
+
 def test_loss_at_init_is_log_vocab():
     model = make(2, vocab=1000)
     x = torch.randint(0, 1000, (4, 64))

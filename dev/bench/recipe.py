@@ -33,7 +33,7 @@ from nanochat.common import make_parser  # noqa: E402
 BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0", "--matrix_weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
-            "--momentum_warmup=300", "--momentum_cooldown=0.0", "--window=0", "--attn_scale=0", "--packing=bestfit"]
+            "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--packing=bestfit"]
 # The batch rule's rows: today's defaults at twice the batch for half the steps (the same tokens),
 # with the LRs as they are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
@@ -47,6 +47,8 @@ CONFIGS = {
     "matrix_lr_0.04": BASELINE + ["--matrix_lr=0.04"],
     "embedding_lr_0.4": BASELINE + ["--embedding_lr=0.4"],
     "unembedding_lr_0.008": BASELINE + ["--unembedding_lr=0.008"],
+    "warmup_0.05": BASELINE + ["--warmup_ratio=0.05"],
+    "final_lr_0.1": BASELINE + ["--final_lr_frac=0.1"],
     # the model
     "value_embeds": BASELINE + ["--value_embeds=1"],
     "residual_scalars": BASELINE + ["--residual_scalars=1"],
@@ -54,6 +56,7 @@ CONFIGS = {
     "window_0.25": BASELINE + ["--window=0.25"],  # 128 tokens of 512
     "rotary_base_100k": BASELINE + ["--rotary_base=100000"],
     "attn_scale_0.12": BASELINE + ["--attn_scale=0.12"],  # 1/sqrt(128) = 0.088 before
+    "init_scale_0.5": BASELINE + ["--init_scale=0.5"],
     # the data: what training rows hold
     "packing_bestfit_keep": BASELINE + ["--packing=bestfit_keep"],
     "packing_concat": BASELINE + ["--packing=concat"],
