@@ -64,7 +64,9 @@ CONFIGS = {
     "polar_express": BASELINE + ["--newton_schulz=polar"],
     "normuon": BASELINE + ["--normuon_beta2=0.95"],
     "matrix_wd_0.1": BASELINE + ["--matrix_weight_decay=0.1"],
+    "matrix_wd_0.2": BASELINE + ["--matrix_weight_decay=0.2"],
     "embedding_wd_0.1": BASELINE + ["--weight_decay=0.1"],
+    "embedding_wd_0.01": BASELINE + ["--weight_decay=0.01"],  # AdamW decays by lr x wd: 0.2 x 0.1 is 2% a step
     "momentum_warmup_50": BASELINE + ["--momentum_warmup=50"],
     "momentum_cooldown_0.5": BASELINE + ["--momentum_cooldown=0.5"],
     # the recipe before sliding windows became a default
