@@ -71,6 +71,8 @@ CONFIGS = {
     "momentum_cooldown_0.5": BASELINE + ["--momentum_cooldown=0.5"],
     # the recipe before sliding windows became a default
     "values_warmdown": BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5"],
+    # on top of today's defaults (against "new")
+    "new_init_0.5": ["--init_scale=0.5"],
     # the batch rule (against "new", not the baseline)
     "new_batch_x2": DOUBLE_BATCH,
     "new_batch_x2_lr_sqrt2": DOUBLE_BATCH + SQRT2_LRS,
@@ -166,7 +168,7 @@ def main():
         for name, flags in CONFIGS.items():
             change = flags[len(BASELINE):] if name != "baseline" and flags[: len(BASELINE)] == BASELINE else None
             described = "baseline " + " ".join(change) if change else " ".join(flags) or "(base_train's defaults)"
-            print(f"{name:22s} {described}")
+            print(f"{name:24s} {described}")
         return
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
