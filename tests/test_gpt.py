@@ -199,6 +199,22 @@ def test_compiled_sliding_window_runs_flex_attention_on_the_band(monkeypatch):
     assert torch.allclose(flex, causal_attention(q, k, v, 200), atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention has no CPU backward: dev/gpu_check.sh runs this on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_attention_backward_matches_the_dense_band_on_cuda(dtype):
+    """Training's path on GPUs: the compiled flex kernel's gradients equal the eager dense mask's."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 1024, 64, device="cuda", dtype=dtype, requires_grad=True) for h in (4, 2, 2))
+    grad = torch.randn(2, 4, 1024, 64, device="cuda", dtype=dtype)
+    results = []
+    for attend in (torch.compile(causal_attention, fullgraph=True), causal_attention):
+        out = attend(q, k, v, 256)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    tol = 2e-3 if dtype == torch.float32 else 5e-2  # (flex may run float32 in TF32)
+    for flex, dense in zip(*results):
+        assert (flex.float() - dense.float()).abs().max() < tol * dense.float().abs().max()
+
+
 def test_sliding_window_flops_count_the_keys_each_layer_sees():
     model = make(6, seq=64, **{**PLAIN, "window": 0.25})  # 16 tokens
     C = 64 * 6
