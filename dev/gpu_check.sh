@@ -94,8 +94,10 @@ EOF
 
 echo "gpu check: $NPROC process(es), artifacts in $NANOCHAT_BASE_DIR"
 TEST_DEVICE=$([ "${GPU_CHECK_ON_CPU:-0}" = 1 ] && echo cpu || echo cuda)
+# The engine's tests through CUDA graphs, and flex_attention's backward (the windows' training path).
 check engine '[0-9]+ passed' env NANOCHAT_TEST_DEVICE="$TEST_DEVICE" NANOCHAT_DTYPE=float32 \
-    python -m pytest -q -p no:cacheprovider tests/test_engine.py
+    python -m pytest -q -p no:cacheprovider tests/test_engine.py \
+    tests/test_gpt.py::test_flex_attention_backward_matches_the_dense_band_on_cuda
 check data '[0-9]+ fetched' python -m nanochat.dataset -n "$NUM_SHARDS"
 check tokenizer 'trained on [0-9,]+ characters' python -m scripts.tok_train --max_chars="$TOK_CHARS" --vocab_size="$VOCAB"
 BASE=(--depth="$DEPTH" --max_seq_len="$SEQ_LEN" --total_batch_size="$TOTAL_BATCH" --num_iterations="$BASE_STEPS"

@@ -145,7 +145,9 @@ def causal_attention(q, k, v, window=0):
 
 
 # Where sliding windows run through flex_attention when the model is compiled (its fused kernel
-# exists only under torch.compile); elsewhere, and eagerly, SDPA takes a dense band mask.
+# exists only under torch.compile); elsewhere, and eagerly, SDPA takes a dense band mask. Compile
+# with dynamic=False, as the trainer does: torch 2.11's inductor fails to lower flex_attention at a
+# symbolic sequence length (seen on an H200).
 FLEX_DEVICES = {"cuda"}
 
 

@@ -194,7 +194,7 @@ def test_compiled_sliding_window_runs_flex_attention_on_the_band(monkeypatch):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 300, 32), torch.randn(2, 2, 300, 32), torch.randn(2, 2, 300, 32)
     with torch.no_grad():
-        flex = torch.compile(causal_attention, fullgraph=True)(q, k, v, 200)
+        flex = torch.compile(causal_attention, fullgraph=True, dynamic=False)(q, k, v, 200)
     assert blocks == [(300, 300, 200, q.device)]
     assert torch.allclose(flex, causal_attention(q, k, v, 200), atol=1e-5)
 
@@ -207,7 +207,7 @@ def test_flex_attention_backward_matches_the_dense_band_on_cuda(dtype):
     q, k, v = (torch.randn(2, h, 1024, 64, device="cuda", dtype=dtype, requires_grad=True) for h in (4, 2, 2))
     grad = torch.randn(2, 4, 1024, 64, device="cuda", dtype=dtype)
     results = []
-    for attend in (torch.compile(causal_attention, fullgraph=True), causal_attention):
+    for attend in (torch.compile(causal_attention, fullgraph=True, dynamic=False), causal_attention):
         out = attend(q, k, v, 256)
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
     tol = 2e-3 if dtype == torch.float32 else 5e-2  # (flex may run float32 in TF32)
