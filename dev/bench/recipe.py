@@ -73,7 +73,7 @@ CONFIGS = {
     "values_warmdown": BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5"],
     # on top of today's defaults (against "new")
     "new_init_0.5": ["--init_scale=0.5"],
-    "new_matrix_wd_0.2": ["--matrix_weight_decay=0.2"],  # the lead of the third round, on top of the defaults
+    "new_matrix_wd_0.2": ["--matrix_weight_decay=0.2"],  # the third round's lead
     # the batch rule (against "new", not the baseline)
     "new_batch_x2": DOUBLE_BATCH,
     "new_batch_x2_lr_sqrt2": DOUBLE_BATCH + SQRT2_LRS,
