@@ -37,9 +37,11 @@ class GPTConfig:
     rotary_base: float = 10000.0
     window: float = 0.0  # attention window of three layers in four, as a fraction of sequence_len (0: the whole context)
     attn_scale: float = 0.0  # the attention scores' scale (0: 1/sqrt(head_dim))
+    attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
 
 
-RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.25, attn_scale=0.0)  # dev/bench/recipe.py
+RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.25, attn_scale=0.0,
+              attn_gate=False)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -108,6 +110,9 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = None
         if config.value_embeds and has_value_embed(layer_idx, config.n_layer):
             self.ve_gate = Linear(min(self.VE_GATE_CHANNELS, config.n_embd), self.n_kv_head)
+        # Gated attention (Qiu et al. 2025): each head's output times 2 * sigmoid(x @ w_head), 1 at
+        # init; lets a head say nothing for a token instead of parking its attention on the first one.
+        self.attn_gate = Linear(config.n_embd, self.n_head) if config.attn_gate else None
 
     def forward(self, x, cos, sin, kv_cache=None, ve=None):
         B, T, _ = x.shape
@@ -125,7 +130,10 @@ class CausalSelfAttention(nn.Module):
             y = causal_attention(q, k, v, self.window)
         else:  # the cache stores k and v, and attends over everything it holds
             y = kv_cache.attend(self.layer_idx, q, k, v)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2)  # (B, T, heads, head_dim)
+        if self.attn_gate is not None:
+            y = y * (2 * torch.sigmoid(self.attn_gate(x))).unsqueeze(-1)
+        return self.c_proj(y.reshape(B, T, -1))
 
 
 def causal_attention(q, k, v, window=0):
@@ -272,8 +280,9 @@ class GPT(nn.Module):
                 nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)  # gate 2 * sigmoid(0) = 1
+            for gate in (block.attn.ve_gate, block.attn.attn_gate):
+                if gate is not None:
+                    nn.init.zeros_(gate.weight)  # gate 2 * sigmoid(0) = 1
         for table in self.value_embeds.values():  # like c_v's output, which they add to
             nn.init.uniform_(table.weight, -bound, bound)
         if self.config.residual_scalars:

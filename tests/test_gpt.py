@@ -20,10 +20,10 @@ def make(depth, vocab=1000, seq=64, seed=0, **options):
 
 
 PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0)
-RICH = dict(value_embeds=True, residual_scalars=True, window=0.25)
+RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True)
 
 
-@pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "value embeds + scalars + windows"])
+@pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "value embeds + scalars + windows + gates"])
 @pytest.mark.parametrize("depth", [1, 2, 4, 6])
 def test_parameter_count_and_flops_closed_form(depth, options):
     vocab, seq = 1000, 64
@@ -31,6 +31,7 @@ def test_parameter_count_and_flops_closed_form(depth, options):
     C, padded = 64 * depth, 1024  # 1000 padded up to a multiple of 64
     n_ve = (depth + 1) // 2 if options["value_embeds"] else 0  # every other layer, the last included
     gates = n_ve * min(32, C) * model.config.n_head  # each reads 32 channels, one gate per kv head
+    gates += depth * C * model.config.n_head if options.get("attn_gate") else 0  # attention's: all channels, one per head
     scalars = 2 * depth if options["residual_scalars"] else 0
     assert model.num_params() == 12 * depth * C * C + 2 * padded * C + n_ve * padded * C + gates + scalars
     short = sum(1 for i in range(depth - 1) if i % 4 != 3) if options["window"] else 0  # windowed layers: 3 in 4, not the last
@@ -120,13 +121,16 @@ def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(std=0.05)
             block.mlp.c_proj.weight.normal_(std=0.05)
+            if block.attn.attn_gate is not None:
+                block.attn.attn_gate.weight.normal_()  # gates that are not 1 everywhere
     return model.eval()
 
 
 def naive_attention(attn, x, cos, sin, window=0, scale=None):
     """Causal self-attention written head by head: query head h reads key/value head
     h // (n_head / n_kv_head); scores, softmax and the weighted sum spelled out. With a window,
-    query i reads keys i - window + 1 .. i. Scores are scaled by 1/sqrt(head_dim) unless `scale` says otherwise."""
+    query i reads keys i - window + 1 .. i. Scores are scaled by 1/sqrt(head_dim) unless `scale` says otherwise.
+    With an attention gate, head h's output is scaled by 2 * sigmoid(x . w_h)."""
     B, T, C = x.shape
     hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
     q = attn.c_q(x).view(B, T, attn.n_head, hd)
@@ -140,7 +144,10 @@ def naive_attention(attn, x, cos, sin, window=0, scale=None):
     for h in range(attn.n_head):
         qh, kh, vh = q[:, :, h], k[:, :, h // group], v[:, :, h // group]  # (B, T, hd)
         scores = (qh @ kh.transpose(1, 2) * (scale or hd**-0.5)).masked_fill(~causal, float("-inf"))
-        heads.append(scores.softmax(-1) @ vh)
+        out = scores.softmax(-1) @ vh
+        if attn.attn_gate is not None:
+            out = out * 2 * torch.sigmoid(x @ attn.attn_gate.weight[h])[..., None]
+        heads.append(out)
     return attn.c_proj(torch.cat(heads, dim=-1))
 
 
@@ -274,10 +281,13 @@ def test_neutral_options_compute_the_plain_model():
     the options add to the model, they do not disturb what was there."""
     plain, rich = make_live(None, options=PLAIN), make_live(None, options={**RICH, "window": 0.0})
     missing = rich.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["resid_lambdas", "transformer.h.1.attn.ve_gate.weight", "value_embeds.1.weight", "x0_lambdas"]
+    assert sorted(missing) == ["resid_lambdas", "transformer.h.0.attn.attn_gate.weight", "transformer.h.1.attn.attn_gate.weight",
+                               "transformer.h.1.attn.ve_gate.weight", "value_embeds.1.weight", "x0_lambdas"]
     with torch.no_grad():
         rich.value_embeds["1"].weight.zero_()
         rich.x0_lambdas.zero_()
+        for block in rich.transformer.h:
+            block.attn.attn_gate.weight.zero_()  # gates of 1
     idx = torch.randint(0, 1000, (2, 16))
     assert torch.allclose(rich(idx), plain(idx), atol=1e-6)
 

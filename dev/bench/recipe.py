@@ -33,7 +33,8 @@ from nanochat.common import make_parser  # noqa: E402
 BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0", "--matrix_weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
-            "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--packing=bestfit"]
+            "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
+            "--packing=bestfit"]
 # The batch rule's rows: today's defaults at twice the batch for half the steps (the same tokens),
 # with the LRs as they are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
@@ -57,6 +58,7 @@ CONFIGS = {
     "rotary_base_100k": BASELINE + ["--rotary_base=100000"],
     "attn_scale_0.12": BASELINE + ["--attn_scale=0.12"],  # 1/sqrt(128) = 0.088 before
     "init_scale_0.5": BASELINE + ["--init_scale=0.5"],
+    "attn_gate": BASELINE + ["--attn_gate=1"],
     # the data: what training rows hold
     "packing_bestfit_keep": BASELINE + ["--packing=bestfit_keep"],
     "packing_concat": BASELINE + ["--packing=concat"],
@@ -74,6 +76,10 @@ CONFIGS = {
     # on top of today's defaults (against "new")
     "new_init_0.5": ["--init_scale=0.5"],
     "new_matrix_wd_0.2": ["--matrix_weight_decay=0.2"],  # the third round's lead
+    "new_attn_gate": ["--attn_gate=1"],
+    "new_window_0.125": ["--window=0.125"],  # 64 tokens of 512 (the default: 0.25)
+    "new_window_0.5": ["--window=0.5"],
+    "new_gate_window_0.125": ["--attn_gate=1", "--window=0.125"],
     # the batch rule (against "new", not the baseline)
     "new_batch_x2": DOUBLE_BATCH,
     "new_batch_x2_lr_sqrt2": DOUBLE_BATCH + SQRT2_LRS,
