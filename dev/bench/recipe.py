@@ -28,15 +28,18 @@ sys.path.insert(0, REPO)
 from nanochat.common import make_parser  # noqa: E402
 
 # The recipe before issue 14, pinned by flags so that "baseline" stays the same row whatever the
-# defaults become. "new" is base_train's defaults. Every other configuration is the baseline plus
-# one change, so each default change has a row of its own.
+# defaults become. "new" is base_train's defaults. Every other configuration is the baseline (or a
+# later round's recipe, pinned likewise) plus one change, so each default change has a row of its own.
 BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0", "--matrix_weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
             "--packing=bestfit"]
-# The batch rule's rows: today's defaults at twice the batch for half the steps (the same tokens),
-# with the LRs as they are and scaled by sqrt(2) as base_train's batch rule scales them.
+# The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
+# same way: the fifth round's changes are measured against it.
+VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
+# The batch rule's rows: twice the batch for half the steps (the same tokens), with the LRs as they
+# are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
 SQRT2_LRS = ["--matrix_lr=0.0283", "--embedding_lr=0.283", "--unembedding_lr=0.00566", "--scalar_lr=0.0283"]
 CONFIGS = {
@@ -73,16 +76,18 @@ CONFIGS = {
     "momentum_cooldown_0.5": BASELINE + ["--momentum_cooldown=0.5"],
     # the recipe before sliding windows became a default
     "values_warmdown": BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5"],
-    # on top of today's defaults (against "new")
-    "new_init_0.5": ["--init_scale=0.5"],
-    "new_matrix_wd_0.2": ["--matrix_weight_decay=0.2"],  # the third round's lead
-    "new_attn_gate": ["--attn_gate=1"],
-    "new_window_0.125": ["--window=0.125"],  # 64 tokens of 512 (the default: 0.25)
-    "new_window_0.5": ["--window=0.5"],
-    "new_gate_window_0.125": ["--attn_gate=1", "--window=0.125"],
-    # the batch rule (against "new", not the baseline)
-    "new_batch_x2": DOUBLE_BATCH,
-    "new_batch_x2_lr_sqrt2": DOUBLE_BATCH + SQRT2_LRS,
+    # the recipe before the attention gate and the shorter window (the fourth round's defaults),
+    # and changes on top of it
+    "values_warmdown_window": VWW,
+    "vww_init_0.5": VWW + ["--init_scale=0.5"],
+    "vww_matrix_wd_0.2": VWW + ["--matrix_weight_decay=0.2"],  # the third round's lead
+    "vww_attn_gate": VWW + ["--attn_gate=1"],
+    "vww_window_0.0625": VWW + ["--window=0.0625"],  # 32 tokens of 512 (it has 0.25: 128)
+    "vww_window_0.125": VWW + ["--window=0.125"],
+    "vww_window_0.5": VWW + ["--window=0.5"],
+    # the batch rule: twice the batch for half the steps (the same tokens)
+    "vww_batch_x2": VWW + DOUBLE_BATCH,
+    "vww_batch_x2_lr_sqrt2": VWW + DOUBLE_BATCH + SQRT2_LRS,
 }
 
 
@@ -173,8 +178,11 @@ def main():
     args = parser.parse_args()
     if args.list:
         for name, flags in CONFIGS.items():
-            change = flags[len(BASELINE):] if name != "baseline" and flags[: len(BASELINE)] == BASELINE else None
-            described = "baseline " + " ".join(change) if change else " ".join(flags) or "(base_train's defaults)"
+            described = " ".join(flags) or "(base_train's defaults)"
+            for pinned, pinned_name in [(VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
+                if name != pinned_name and flags[: len(pinned)] == pinned:
+                    described = " ".join([pinned_name, *flags[len(pinned):]])
+                    break
             print(f"{name:24s} {described}")
         return
     unknown = [c for c in args.configs if c not in CONFIGS]
