@@ -40,8 +40,8 @@ class GPTConfig:
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
 
 
-RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.25, attn_scale=0.0,
-              attn_gate=False)  # dev/bench/recipe.py
+RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
+              attn_gate=True)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):

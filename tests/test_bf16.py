@@ -33,17 +33,22 @@ def test_the_dtype_policy(monkeypatch):
 
 
 def gqa_model(vocab, monkeypatch, dtype, seed=0):
-    """A 2-layer model with 4 query heads on 2 key/value heads and live output projections,
-    identical weights for a given seed whatever its compute dtype."""
+    """A 2-layer model with 4 query heads on 2 key/value heads, the recipe's parts (a 16-token window
+    on the first layer, value embeddings on the last, attention gates) and live output projections
+    and gates, identical weights for a given seed whatever its compute dtype."""
     monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=128))
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
+                          value_embeds=True, window=0.25, attn_gate=True))
     model.init_weights()
     with torch.no_grad():
         model.lm_head.weight.normal_(std=0.1)
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(std=0.05)
             block.mlp.c_proj.weight.normal_(std=0.05)
+            for gate in (block.attn.ve_gate, block.attn.attn_gate):
+                if gate is not None:
+                    gate.weight.normal_(std=0.1)
     return model
 
 

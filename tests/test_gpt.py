@@ -19,7 +19,7 @@ def make(depth, vocab=1000, seq=64, seed=0, **options):
     return model
 
 
-PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0)
+PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False)
 RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True)
 
 

@@ -13,7 +13,7 @@ FLOPs per kept (query, key) pair forward, 2.5x that backward), and that rate aga
 reference's. A windowed layer that ran at flash's rate would take (its pairs / causal pairs) of
 the reference's time; the last column says how far it is from that.
 
-    python dev/bench/attention.py [--batch 32] [--seq_len 2048] [--window 0.25] [--repeats 20]
+    python dev/bench/attention.py [--batch 32] [--seq_len 2048] [--window 0.125] [--repeats 20]
 """
 
 import os
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nanochat.common import make_parser  # noqa: E402
-from nanochat.gpt import sliding_window_blocks  # noqa: E402
+from nanochat.gpt import RECIPE, sliding_window_blocks  # noqa: E402
 
 # kernel_options worth a row: BLOCKS_ARE_CONTIGUOUS holds for a band (each query block's key blocks
 # are one run); PRESCALE_QK folds the score scale into q (a little less exact); USE_TMA is Hopper's
@@ -66,7 +66,7 @@ def main():
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=10)
     parser.add_argument("--head_dim", type=int, default=128)
-    parser.add_argument("--window", type=float, default=0.25, help="the band, a fraction of seq_len (the recipe's)")
+    parser.add_argument("--window", type=float, default=RECIPE["window"], help="the band, a fraction of seq_len (the recipe's)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no_autotune", action="store_true", help="skip the autotuned row (it compiles for minutes)")
     args = parser.parse_args()
