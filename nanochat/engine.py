@@ -61,6 +61,7 @@ class KVCache:
         self.reply_v = torch.zeros_like(self.reply_k)
         self.prompt_mask = torch.zeros(rows, 1, 1, prompt_len, dtype=torch.bool, device=device)  # its prompt's slots
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+        self.last = torch.zeros(rows, dtype=torch.long, device=device)  # each row's latest token (a smear model reads it)
         self.t = torch.zeros(1, dtype=torch.long, device=device)  # the step, on the device (graph replays advance it)
         self.steps = 0  # the same, on the host (eager calls advance it)
         self.slots = torch.arange(budget, device=device)
@@ -85,6 +86,12 @@ class KVCache:
 
     def get_pos(self):
         return self.pos
+
+    def previous_tokens(self, idx):
+        """The token before each row's new one; the new one becomes the latest."""
+        before = self.last.clone()
+        self.last.copy_(idx[:, -1])
+        return before
 
     def attend(self, layer, q, k, v):
         """One new token per row: keep its key and value, attend over its prompt's and its reply's."""
@@ -118,6 +125,12 @@ class _PromptView:
 
     def get_pos(self):
         return 0
+
+    def previous_tokens(self, idx):
+        """None: a prompt starts the sequence. Its last token is its rows' latest."""
+        group = self.cache.group
+        self.cache.last[self.index * group : (self.index + 1) * group] = idx[0, -1]
+        return None
 
     def attend(self, layer, q, k, v):
         n = k.size(2)

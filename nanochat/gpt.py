@@ -38,10 +38,13 @@ class GPTConfig:
     window: float = 0.0  # attention window of three layers in four, as a fraction of sequence_len (0: the whole context)
     attn_scale: float = 0.0  # the attention scores' scale (0: 1/sqrt(head_dim))
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
+    smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
+    backout: bool = False  # subtract a learned share of the stream two thirds of the way in from the last layer's output
+    rotary_frac: float = 1.0  # the share of each head's dimension pairs that rotary rotates (the rest carry no position)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
-              attn_gate=True)  # dev/bench/recipe.py
+              attn_gate=True, smear=False, backout=False, rotary_frac=1.0)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -237,6 +240,8 @@ def _pad_rows(grad, total_rows):
 
 
 class GPT(nn.Module):
+    SMEAR_CHANNELS = 32  # the smear gate reads this many channels of the token's own embedding
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -250,6 +255,11 @@ class GPT(nn.Module):
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in range(config.n_layer)
                                            if config.value_embeds and has_value_embed(i, config.n_layer)})
+        if config.smear:  # x_t += lambda * sigmoid(w . x_t[:32]) * x_(t-1): a bigram feature for one lookup
+            self.smear_gate = Linear(min(self.SMEAR_CHANNELS, config.n_embd), 1)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:  # lambda 0 at init; the stream entering block 2n/3 is what it subtracts
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         if config.residual_scalars:  # block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the embedding)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
@@ -261,8 +271,11 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _rotary_tables(self, length, device=None):
-        head_dim = self.config.n_embd // self.config.n_head
-        inv_freq = 1.0 / self.config.rotary_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        c = self.config
+        pairs = c.n_embd // c.n_head // 2
+        rotated = round(c.rotary_frac * pairs)  # frequencies from 1 down to 1/base over the rotated pairs, 0 after
+        inv_freq = torch.zeros(pairs, device=device)
+        inv_freq[:rotated] = 1.0 / c.rotary_base ** (torch.arange(rotated, dtype=torch.float32, device=device) / rotated)
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
         cos, sin = angles.cos(), angles.sin()
         return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([sin, -sin], -1)[None, :, None, :]  # (1, T, 1, head_dim)
@@ -285,6 +298,11 @@ class GPT(nn.Module):
                     nn.init.zeros_(gate.weight)  # gate 2 * sigmoid(0) = 1
         for table in self.value_embeds.values():  # like c_v's output, which they add to
             nn.init.uniform_(table.weight, -bound, bound)
+        if self.config.smear:  # lambda 0: no smear at the start, the gate learns through lambda's gradient first
+            nn.init.zeros_(self.smear_gate.weight)
+            self.smear_lambda.zero_()
+        if self.config.backout:
+            self.backout_lambda.zero_()
         if self.config.residual_scalars:
             self.resid_lambdas.fill_(1.0)
             self.x0_lambdas.fill_(0.1)
@@ -305,7 +323,11 @@ class GPT(nn.Module):
         return [self.transformer.wte.weight] + [table.weight for table in self.value_embeds.values()]
 
     def scalars(self):
-        return [self.resid_lambdas, self.x0_lambdas] if self.config.residual_scalars else []
+        """The small parameters outside the blocks, trained by AdamW at scalar_lr."""
+        c = self.config
+        return (([self.resid_lambdas, self.x0_lambdas] if c.residual_scalars else [])
+                + ([self.smear_lambda, self.smear_gate.weight] if c.smear else [])
+                + ([self.backout_lambda] if c.backout else []))
 
     def estimate_flops(self):
         """FLOPs per token of a training step: 6 per matmul weight (forward + backward) plus the
@@ -341,9 +363,10 @@ class GPT(nn.Module):
         """Logits (float32, soft-capped) of every position, or of the last only; with targets, the
         loss. capped=False leaves out the soft cap, which keeps the logits' order: a sampler can cap
         just the top k it keeps (see `sample`). A kv_cache has get_pos(), the position of idx's first token (an int shared by all
-        rows, or a tensor of one position per row when each row brings one token), and
+        rows, or a tensor of one position per row when each row brings one token),
         attend(layer, q, k, v), which stores the new keys and values and returns the attention of
-        the new queries over everything it holds."""
+        the new queries over everything it holds, and, for a smear model, previous_tokens(idx): the
+        token before each row's first new one (None at the sequence's start)."""
         T = idx.size(1)
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         dtype = self.compute_dtype
@@ -355,11 +378,17 @@ class GPT(nn.Module):
             cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
         cos, sin = cos.to(dtype), sin.to(dtype)
         x = x0 = norm(self.transformer.wte(idx).to(dtype))
+        if self.config.smear:
+            x = x0 = self.smear(x, idx, kv_cache)
         for i, block in enumerate(self.transformer.h):
+            if i == 2 * self.config.n_layer // 3:
+                mid = x
             if self.config.residual_scalars:
                 x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, kv_cache, ve)
+        if self.config.backout:
+            x = x - self.backout_lambda.to(dtype) * mid
         x = norm(x[:, -1:] if last_only else x)
         if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
                 and dtype == torch.float32):
@@ -377,6 +406,18 @@ class GPT(nn.Module):
         if loss_reduction == "mean":  # a batch with no targets has loss 0, not NaN
             return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / (targets >= 0).sum().clamp(min=1)
         return F.cross_entropy(logits, targets, ignore_index=-1, reduction=loss_reduction)
+
+    def smear(self, x, idx, kv_cache):
+        """Add to each token's (normed) embedding a gated share of the previous token's. The first
+        token has none, unless a KV cache says which token came before idx (in decoding)."""
+        before = kv_cache.previous_tokens(idx) if kv_cache is not None else None
+        if before is None:
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        else:
+            first = norm(self.transformer.wte(before[:, None]).to(x.dtype))
+            prev = torch.cat([first, x[:, :-1]], dim=1)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))
+        return x + gate * prev
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

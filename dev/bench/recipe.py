@@ -34,10 +34,12 @@ BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
-            "--packing=bestfit"]
+            "--smear=0", "--backout=0", "--rotary_frac=1", "--packing=bestfit"]
 # The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
 # same way: the fifth round's changes are measured against it.
 VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
+# The fifth round's (attention gates, windows of an eighth), against which the sixth round's are measured.
+ROUND5 = VWW + ["--attn_gate=1", "--window=0.125"]
 # The batch rule's rows: twice the batch for half the steps (the same tokens), with the LRs as they
 # are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
@@ -88,6 +90,11 @@ CONFIGS = {
     # the batch rule: twice the batch for half the steps (the same tokens)
     "vww_batch_x2": VWW + DOUBLE_BATCH,
     "vww_batch_x2_lr_sqrt2": VWW + DOUBLE_BATCH + SQRT2_LRS,
+    # the fifth round's recipe, and changes on top of it
+    "round5": ROUND5,
+    "r5_smear": ROUND5 + ["--smear=1"],
+    "r5_rotary_half": ROUND5 + ["--rotary_frac=0.5"],
+    "r5_backout": ROUND5 + ["--backout=1"],
 }
 
 
@@ -179,7 +186,7 @@ def main():
     if args.list:
         for name, flags in CONFIGS.items():
             described = " ".join(flags) or "(base_train's defaults)"
-            for pinned, pinned_name in [(VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
+            for pinned, pinned_name in [(ROUND5, "round5"), (VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
                 if name != pinned_name and flags[: len(pinned)] == pinned:
                     described = " ".join([pinned_name, *flags[len(pinned):]])
                     break
