@@ -40,11 +40,13 @@ class GPTConfig:
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
     backout: bool = False  # subtract a learned share of the stream two thirds of the way in from the last layer's output
+    unet: bool = False  # block n-1-i also reads block i's output (i < n/2), through a learned weight
     rotary_frac: float = 1.0  # the share of each head's dimension pairs that rotary rotates (the rest carry no position)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
-              attn_gate=True, smear=False, backout=False, rotary_frac=1.0)  # dev/bench/recipe.py
+              attn_gate=True, smear=False, backout=False, unet=False,
+              rotary_frac=1.0)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -260,6 +262,8 @@ class GPT(nn.Module):
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if config.backout:  # lambda 0 at init; the stream entering block 2n/3 is what it subtracts
             self.backout_lambda = nn.Parameter(torch.zeros(1))
+        if config.unet:  # weight 0 at init: every skip starts closed
+            self.skip_lambdas = nn.Parameter(torch.zeros(config.n_layer // 2))
         if config.residual_scalars:  # block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the embedding)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
@@ -303,6 +307,8 @@ class GPT(nn.Module):
             self.smear_lambda.zero_()
         if self.config.backout:
             self.backout_lambda.zero_()
+        if self.config.unet:
+            self.skip_lambdas.zero_()
         if self.config.residual_scalars:
             self.resid_lambdas.fill_(1.0)
             self.x0_lambdas.fill_(0.1)
@@ -327,7 +333,7 @@ class GPT(nn.Module):
         c = self.config
         return (([self.resid_lambdas, self.x0_lambdas] if c.residual_scalars else [])
                 + ([self.smear_lambda, self.smear_gate.weight] if c.smear else [])
-                + ([self.backout_lambda] if c.backout else []))
+                + ([self.backout_lambda] if c.backout else []) + ([self.skip_lambdas] if c.unet else []))
 
     def estimate_flops(self):
         """FLOPs per token of a training step: 6 per matmul weight (forward + backward) plus the
@@ -380,13 +386,18 @@ class GPT(nn.Module):
         x = x0 = norm(self.transformer.wte(idx).to(dtype))
         if self.config.smear:
             x = x0 = self.smear(x, idx, kv_cache)
+        n, skips = self.config.n_layer, []
         for i, block in enumerate(self.transformer.h):
-            if i == 2 * self.config.n_layer // 3:
+            if i == 2 * n // 3:
                 mid = x
+            if self.config.unet and i >= n - n // 2:  # the U's second half reads the first half's outputs, inner first
+                x = x + self.skip_lambdas[n - 1 - i].to(dtype) * skips.pop()
             if self.config.residual_scalars:
                 x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, kv_cache, ve)
+            if i < n // 2:
+                skips.append(x)
         if self.config.backout:
             x = x - self.backout_lambda.to(dtype) * mid
         x = norm(x[:, -1:] if last_only else x)

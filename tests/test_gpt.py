@@ -20,7 +20,7 @@ def make(depth, vocab=1000, seq=64, seed=0, **options):
 
 
 PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False)
-RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, backout=True)
+RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, backout=True, unet=True)
 
 
 @pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "every option"])
@@ -35,6 +35,7 @@ def test_parameter_count_and_flops_closed_form(depth, options):
     scalars = 2 * depth if options["residual_scalars"] else 0
     scalars += min(32, C) + 1 if options.get("smear") else 0  # the smear's gate (32 channels) and its lambda
     scalars += 1 if options.get("backout") else 0
+    scalars += depth // 2 if options.get("unet") else 0
     assert model.num_params() == 12 * depth * C * C + 2 * padded * C + n_ve * padded * C + gates + scalars
     short = sum(1 for i in range(depth - 1) if i % 4 != 3) if options["window"] else 0  # windowed layers: 3 in 4, not the last
     keys = short * seq // 4 + (depth - short) * seq  # the keys each layer's attention reads
@@ -136,6 +137,8 @@ def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
             model.smear_gate.weight.normal_()
         if model.config.backout:
             model.backout_lambda.fill_(0.3)
+        if model.config.unet:
+            model.skip_lambdas.normal_()
     return model.eval()
 
 
@@ -328,6 +331,26 @@ def test_backout_subtracts_the_stream_two_thirds_in(depth):
         assert torch.allclose(model(idx), reference[..., :1000], atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [1, 3, 4])
+def test_unet_skips_feed_block_i_output_to_block_n_minus_1_minus_i(depth):
+    model = make(depth, **PLAIN, unet=True)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(std=0.05)
+            block.mlp.c_proj.weight.normal_(std=0.05)
+        model.lm_head.weight.normal_(std=0.05)
+        model.skip_lambdas.copy_(torch.arange(1.0, depth // 2 + 1) / 4)  # skip j (from block j) weighs (j + 1) / 4
+        idx = torch.randint(0, 1000, (2, 12))
+        cos, sin = model.cos[:, :12], model.sin[:, :12]
+        x, outputs = norm(model.transformer.wte(idx)), []
+        for i, block in enumerate(model.transformer.h):
+            j = depth - 1 - i  # the block whose output this one also reads, if it is in the first half
+            x = block(x + ((j + 1) / 4 * outputs[j] if j < depth // 2 else 0), cos, sin)
+            outputs.append(x)
+        reference = 15 * torch.tanh(model.lm_head(norm(x)) / 15)
+        assert torch.allclose(model(idx), reference[..., :1000], atol=1e-5)
+
+
 @pytest.mark.parametrize("frac", [1.0, 0.5, 0.0])
 def test_rotary_frac_rotates_that_share_of_the_pairs(frac):
     """Pair i of the rotated ones turns by position / base^(i / rotated); the others do not turn,
@@ -345,7 +368,7 @@ def test_neutral_options_compute_the_plain_model():
     the options add to the model, they do not disturb what was there."""
     plain, rich = make_live(None, options=PLAIN), make_live(None, options={**RICH, "window": 0.0})
     missing = rich.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["backout_lambda", "resid_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.attn_gate.weight",
+    assert sorted(missing) == ["backout_lambda", "resid_lambdas", "skip_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.attn_gate.weight",
                                "transformer.h.1.attn.attn_gate.weight", "transformer.h.1.attn.ve_gate.weight",
                                "value_embeds.1.weight", "x0_lambdas"]
     with torch.no_grad():
@@ -353,6 +376,7 @@ def test_neutral_options_compute_the_plain_model():
         rich.x0_lambdas.zero_()
         rich.smear_lambda.zero_()
         rich.backout_lambda.zero_()
+        rich.skip_lambdas.zero_()
         for block in rich.transformer.h:
             block.attn.attn_gate.weight.zero_()  # gates of 1
     idx = torch.randint(0, 1000, (2, 16))
