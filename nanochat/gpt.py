@@ -39,14 +39,10 @@ class GPTConfig:
     attn_scale: float = 0.0  # the attention scores' scale (0: 1/sqrt(head_dim))
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
-    backout: bool = False  # subtract a learned share of the stream two thirds of the way in from the last layer's output
-    unet: bool = False  # block n-1-i also reads block i's output (i < n/2), through a learned weight
-    rotary_frac: float = 1.0  # the share of each head's dimension pairs that rotary rotates (the rest carry no position)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
-              attn_gate=True, smear=False, backout=False, unet=False,
-              rotary_frac=1.0)  # dev/bench/recipe.py
+              attn_gate=True, smear=True)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -260,10 +256,6 @@ class GPT(nn.Module):
         if config.smear:  # x_t += lambda * sigmoid(w . x_t[:32]) * x_(t-1): a bigram feature for one lookup
             self.smear_gate = Linear(min(self.SMEAR_CHANNELS, config.n_embd), 1)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
-        if config.backout:  # lambda 0 at init; the stream entering block 2n/3 is what it subtracts
-            self.backout_lambda = nn.Parameter(torch.zeros(1))
-        if config.unet:  # weight 0 at init: every skip starts closed
-            self.skip_lambdas = nn.Parameter(torch.zeros(config.n_layer // 2))
         if config.residual_scalars:  # block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the embedding)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
@@ -275,11 +267,8 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _rotary_tables(self, length, device=None):
-        c = self.config
-        pairs = c.n_embd // c.n_head // 2
-        rotated = round(c.rotary_frac * pairs)  # frequencies from 1 down to 1/base over the rotated pairs, 0 after
-        inv_freq = torch.zeros(pairs, device=device)
-        inv_freq[:rotated] = 1.0 / c.rotary_base ** (torch.arange(rotated, dtype=torch.float32, device=device) / rotated)
+        head_dim = self.config.n_embd // self.config.n_head
+        inv_freq = 1.0 / self.config.rotary_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
         cos, sin = angles.cos(), angles.sin()
         return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([sin, -sin], -1)[None, :, None, :]  # (1, T, 1, head_dim)
@@ -305,10 +294,6 @@ class GPT(nn.Module):
         if self.config.smear:  # lambda 0: no smear at the start, the gate learns through lambda's gradient first
             nn.init.zeros_(self.smear_gate.weight)
             self.smear_lambda.zero_()
-        if self.config.backout:
-            self.backout_lambda.zero_()
-        if self.config.unet:
-            self.skip_lambdas.zero_()
         if self.config.residual_scalars:
             self.resid_lambdas.fill_(1.0)
             self.x0_lambdas.fill_(0.1)
@@ -330,10 +315,8 @@ class GPT(nn.Module):
 
     def scalars(self):
         """The small parameters outside the blocks, trained by AdamW at scalar_lr."""
-        c = self.config
-        return (([self.resid_lambdas, self.x0_lambdas] if c.residual_scalars else [])
-                + ([self.smear_lambda, self.smear_gate.weight] if c.smear else [])
-                + ([self.backout_lambda] if c.backout else []) + ([self.skip_lambdas] if c.unet else []))
+        return (([self.resid_lambdas, self.x0_lambdas] if self.config.residual_scalars else [])
+                + ([self.smear_lambda, self.smear_gate.weight] if self.config.smear else []))
 
     def estimate_flops(self):
         """FLOPs per token of a training step: 6 per matmul weight (forward + backward) plus the
@@ -386,20 +369,11 @@ class GPT(nn.Module):
         x = x0 = norm(self.transformer.wte(idx).to(dtype))
         if self.config.smear:
             x = x0 = self.smear(x, idx, kv_cache)
-        n, skips = self.config.n_layer, []
         for i, block in enumerate(self.transformer.h):
-            if i == 2 * n // 3:
-                mid = x
-            if self.config.unet and i >= n - n // 2:  # the U's second half reads the first half's outputs, inner first
-                x = x + self.skip_lambdas[n - 1 - i].to(dtype) * skips.pop()
             if self.config.residual_scalars:
                 x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, kv_cache, ve)
-            if i < n // 2:
-                skips.append(x)
-        if self.config.backout:
-            x = x - self.backout_lambda.to(dtype) * mid
         x = norm(x[:, -1:] if last_only else x)
         if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
                 and dtype == torch.float32):

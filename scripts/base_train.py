@@ -34,11 +34,7 @@ m.add_argument("--window", type=float, default=None, help="sliding attention win
 m.add_argument("--attn_scale", type=float, default=None, help="scale of the attention scores (0 = 1/sqrt(head_dim))")
 m.add_argument("--attn_gate", type=int, choices=[0, 1], default=None, help="a learned gate per head on attention's output")
 m.add_argument("--smear", type=int, choices=[0, 1], default=None, help="mix a gated share of the previous token's embedding into each token's")
-m.add_argument("--backout", type=int, choices=[0, 1], default=None, help="subtract a learned share of the middle layers' stream before the head")
-m.add_argument("--unet", type=int, choices=[0, 1], default=None, help="U-net skips: block n-1-i also reads block i's output")
-m.add_argument("--rotary_frac", type=float, default=None, help="share of each head's dimension pairs rotary rotates (the rest: no position)")
-MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale", "attn_gate", "smear",
-                 "backout", "unet", "rotary_frac")
+MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale", "attn_gate", "smear")
 parser.add_argument("--init_scale", type=float, default=1.0, help="initial std of the blocks' input matrices, times 1/sqrt(width)")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
 parser.add_argument("--packing", choices=PACKINGS, default="bestfit", help="how documents fill training rows (nanochat.dataloader)")

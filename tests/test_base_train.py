@@ -291,7 +291,7 @@ def test_batch_rule_scales_with_the_parameters():
     config = config_for_depth(20, 65536, 2048)
     with torch.device("meta"):
         reference = horizon_params(GPT(config))
-    assert reference == 561247360  # d20 without its value-embedding tables (test_gpt's closed form, gates included)
+    assert reference == 561247393  # d20 without its value-embedding tables (test_gpt's closed form, gates and smear included)
     assert batch_rule(config, reference) == (REFERENCE_BATCH, 1.0)
     # B ~ N^0.383: 2^(1/0.383) times the parameters doubles the batch; LRs follow as sqrt(B)
     assert batch_rule(config, reference * 2 ** (1 / 0.383)) == (2 * REFERENCE_BATCH, pytest.approx(math.sqrt(2)))
