@@ -57,7 +57,7 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g.add_argument("--embedding_lr", type=float, default=0.2, help="AdamW LR of the token and value embeddings (at width 768)")
     g.add_argument("--unembedding_lr", type=float, default=0.004, help="AdamW LR of the lm_head (at width 768)")
     g.add_argument("--matrix_lr", type=float, default=0.02, help="Muon LR of the blocks' matrices")
-    g.add_argument("--scalar_lr", type=float, default=0.02, help="AdamW LR of the per-layer residual scalars")
+    g.add_argument("--scalar_lr", type=float, default=0.02, help="AdamW LR of the small parameters outside the blocks (residual scalars, smear)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the embeddings and lm_head")
     g.add_argument("--matrix_weight_decay", type=float, default=0.0, help="Muon's cautious weight decay (times the LR)")
     g.add_argument("--newton_schulz", choices=["classic", "polar"], default="classic", help="Muon's orthogonalization")
