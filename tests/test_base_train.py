@@ -213,9 +213,10 @@ def test_auto_batch_size_takes_the_largest_that_fits_and_leaves_nothing_behind()
     assert largest_fitting_batch_size(RunsOutOfMemory(model, limit=0), [4, 2, 1], 32, torch.device("cpu"), 0) == (None, [4, 2, 1])
     # the optimizer state the probe keeps room for: AdamW's two moments and Muon's momentum, in float32
     adamw, muon = model.setup_optimizers()
-    embeddings = sum(p.numel() for p in model.embeddings()) + model.lm_head.weight.numel()
+    adamw_params = sum(p.numel() for p in model.embeddings() + model.scalars()) + model.lm_head.weight.numel()
     assert len(model.embeddings()) == 2  # the recipe's: the token embedding and one value embedding
-    assert adamw.state_bytes() == 8 * embeddings and muon.state_bytes() == 4 * (model.num_params() - embeddings)
+    assert len(model.scalars()) == 2  # and the smear's lambda and gate
+    assert adamw.state_bytes() == 8 * adamw_params and muon.state_bytes() == 4 * (model.num_params() - adamw_params)
 
 
 def test_device_batch_size_auto_and_accumulation_train_the_same_model(pretrain_env):
