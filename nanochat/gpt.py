@@ -366,7 +366,7 @@ class GPT(nn.Module):
         else:
             cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = x0 = norm(self.transformer.wte(idx).to(dtype))
+        x = x0 = self.embed(idx)
         if self.config.smear:
             x = x0 = self.smear(x, idx, kv_cache)
         for i, block in enumerate(self.transformer.h):
@@ -392,6 +392,10 @@ class GPT(nn.Module):
             return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / (targets >= 0).sum().clamp(min=1)
         return F.cross_entropy(logits, targets, ignore_index=-1, reduction=loss_reduction)
 
+    def embed(self, idx):
+        """The normed token embeddings, in the compute dtype."""
+        return norm(self.transformer.wte(idx).to(self.compute_dtype))
+
     def smear(self, x, idx, kv_cache):
         """Add to each token's (normed) embedding a gated share of the previous token's. The first
         token has none, unless a KV cache says which token came before idx (in decoding)."""
@@ -399,8 +403,7 @@ class GPT(nn.Module):
         if before is None:
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         else:
-            first = norm(self.transformer.wte(before[:, None]).to(x.dtype))
-            prev = torch.cat([first, x[:, :-1]], dim=1)
+            prev = torch.cat([self.embed(before[:, None]), x[:, :-1]], dim=1)
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))
         return x + gate * prev
 
