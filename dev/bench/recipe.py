@@ -40,6 +40,8 @@ BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0",
 VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
 # The fifth round's (attention gates, windows of an eighth), against which the sixth round's are measured.
 ROUND5 = VWW + ["--attn_gate=1", "--window=0.125"]
+# The sixth round's (smear), against which the seventh round's are measured.
+ROUND6 = ROUND5 + ["--smear=1"]
 # The batch rule's rows: twice the batch for half the steps (the same tokens), with the LRs as they
 # are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
@@ -92,7 +94,15 @@ CONFIGS = {
     "vww_batch_x2_lr_sqrt2": VWW + DOUBLE_BATCH + SQRT2_LRS,
     # the fifth round's recipe, and changes on top of it
     "round5": ROUND5,
-    "r5_smear": ROUND5 + ["--smear=1"],
+    "r5_smear": ROUND6,
+    # the sixth round's recipe, and the optimizer's changes again on top of it (its seed spread is a
+    # third of the baseline's, against which they were first measured)
+    "round6": ROUND6,
+    "r6_polar": ROUND6 + ["--newton_schulz=polar"],
+    "r6_normuon": ROUND6 + ["--normuon_beta2=0.95"],
+    "r6_momentum_cooldown": ROUND6 + ["--momentum_cooldown=0.5"],
+    "r6_matrix_wd_0.2": ROUND6 + ["--matrix_weight_decay=0.2"],
+    "r6_polar_normuon": ROUND6 + ["--newton_schulz=polar", "--normuon_beta2=0.95"],
 }
 
 
@@ -184,8 +194,8 @@ def main():
     if args.list:
         for name, flags in CONFIGS.items():
             described = " ".join(flags) or "(base_train's defaults)"
-            for pinned, pinned_name in [(ROUND5, "round5"), (VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
-                if name != pinned_name and flags[: len(pinned)] == pinned:
+            for pinned, pinned_name in [(ROUND6, "round6"), (ROUND5, "round5"), (VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
+                if len(flags) > len(pinned) and flags[: len(pinned)] == pinned:
                     described = " ".join([pinned_name, *flags[len(pinned):]])
                     break
             print(f"{name:24s} {described}")
