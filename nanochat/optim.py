@@ -12,6 +12,8 @@ same code owns everything. A step has two halves so that gradient clipping sees 
 import torch
 import torch.distributed as dist
 
+from nanochat.common import compute_dtype
+
 
 def _world():
     if dist.is_available() and dist.is_initialized():
@@ -112,11 +114,11 @@ def orthogonalize(G, method="classic", dtype=None):
     """
     Newton–Schulz iteration towards the nearest semi-orthogonal matrix U V^T of G = U S V^T:
     odd quintics that push every singular value towards 1 within a few steps (exact orthogonality
-    is not needed, speed is). In `dtype`: by default bf16 on GPU, float32 on CPU, where bf16
-    matmuls are ~150x slower.
+    is not needed, speed is). In `dtype`: by default the compute dtype (bf16 on GPU, float32 on
+    CPU, where bf16 matmuls are ~150x slower, unless $NANOCHAT_DTYPE says otherwise).
     """
     cushion, coefficients = NEWTON_SCHULZ[method]
-    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
+    X = G.to(dtype or compute_dtype(G.device))
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the smaller Gram matrix
         X = X.mT
