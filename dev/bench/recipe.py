@@ -100,9 +100,7 @@ CONFIGS = {
     "round6": ROUND6,
     "r6_polar": ROUND6 + ["--newton_schulz=polar"],
     "r6_normuon": ROUND6 + ["--normuon_beta2=0.95"],
-    "r6_momentum_cooldown": ROUND6 + ["--momentum_cooldown=0.5"],
     "r6_matrix_wd_0.2": ROUND6 + ["--matrix_weight_decay=0.2"],
-    "r6_polar_normuon": ROUND6 + ["--newton_schulz=polar", "--normuon_beta2=0.95"],
 }
 
 
