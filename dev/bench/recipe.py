@@ -101,6 +101,9 @@ CONFIGS = {
     "r6_polar": ROUND6 + ["--newton_schulz=polar"],
     "r6_normuon": ROUND6 + ["--normuon_beta2=0.95"],
     "r6_matrix_wd_0.2": ROUND6 + ["--matrix_weight_decay=0.2"],
+    # the schedule and the head's LR again, on today's recipe
+    "r6_unembedding_lr_0.002": ROUND6 + ["--unembedding_lr=0.002"],  # 2x was much worse on the baseline
+    "r6_warmdown_0.7": ROUND6 + ["--warmdown_ratio=0.7"],
 }
 
 
