@@ -108,6 +108,7 @@ CONFIGS = {
     "r6_momentum_cooldown_0.5": ROUND6 + ["--momentum_cooldown=0.5"],  # Muon's momentum back to 0.85 over the warmdown
     # a hashed bigram embedding (after modded-nanogpt): 5 x vocab rows, added to each token's embedding
     "r6_bigram_5": ROUND6 + ["--bigram=5"],
+    "r6_bigram_1": ROUND6 + ["--bigram=1"],  # fewer rows, each seen more often in a short run
 }
 
 
