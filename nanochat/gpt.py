@@ -39,11 +39,10 @@ class GPTConfig:
     attn_scale: float = 0.0  # the attention scores' scale (0: 1/sqrt(head_dim))
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
-    bigram: int = 0  # rows of a hashed (previous, current) token-pair embedding, times vocab_size (0: none)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
-              attn_gate=True, smear=True, bigram=0)  # dev/bench/recipe.py
+              attn_gate=True, smear=True)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -257,8 +256,6 @@ class GPT(nn.Module):
         if config.smear:  # x_t += lambda * sigmoid(w . x_t[:32]) * x_(t-1): a bigram feature for one lookup
             self.smear_gate = Linear(min(self.SMEAR_CHANNELS, config.n_embd), 1)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
-        if config.bigram:  # one row per hashed token pair, plus the last for "no previous token"
-            self.bigram_embed = nn.Embedding(config.bigram * config.vocab_size, config.n_embd)
         if config.residual_scalars:  # block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the embedding)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
@@ -297,8 +294,6 @@ class GPT(nn.Module):
         if self.config.smear:  # lambda 0: no smear at the start, the gate learns through lambda's gradient first
             nn.init.zeros_(self.smear_gate.weight)
             self.smear_lambda.zero_()
-        if self.config.bigram:  # zero: the model starts as without it
-            nn.init.zeros_(self.bigram_embed.weight)
         if self.config.residual_scalars:
             self.resid_lambdas.fill_(1.0)
             self.x0_lambdas.fill_(0.1)
@@ -315,9 +310,8 @@ class GPT(nn.Module):
                 linear.fp8 = True
 
     def embeddings(self):
-        """The lookup tables: the token embedding, any value embeddings and the bigram table."""
-        return ([self.transformer.wte.weight] + [table.weight for table in self.value_embeds.values()]
-                + ([self.bigram_embed.weight] if self.config.bigram else []))
+        """The lookup tables: the token embedding and any value embeddings."""
+        return [self.transformer.wte.weight] + [table.weight for table in self.value_embeds.values()]
 
     def scalars(self):
         """The small parameters outside the blocks, trained by AdamW at scalar_lr."""
@@ -360,8 +354,8 @@ class GPT(nn.Module):
         just the top k it keeps (see `sample`). A kv_cache has get_pos(), the position of idx's first token (an int shared by all
         rows, or a tensor of one position per row when each row brings one token),
         attend(layer, q, k, v), which stores the new keys and values and returns the attention of
-        the new queries over everything it holds, and, for a smear or bigram model, previous_tokens(idx): the
-        token before each row's first new one (None at the sequence's start), asked once per call."""
+        the new queries over everything it holds, and, for a smear model, previous_tokens(idx): the
+        token before each row's first new one (None at the sequence's start)."""
         T = idx.size(1)
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         dtype = self.compute_dtype
@@ -372,13 +366,9 @@ class GPT(nn.Module):
         else:
             cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
         cos, sin = cos.to(dtype), sin.to(dtype)
-        before = kv_cache.previous_tokens(idx) if kv_cache is not None and (self.config.smear or self.config.bigram) else None
-        x = self.embed(idx)
+        x = x0 = self.embed(idx)
         if self.config.smear:
-            x = self.smear(x, before)
-        if self.config.bigram:
-            x = x + self.bigram_embed(self.bigram_rows(idx, before)).to(dtype)
-        x0 = x
+            x = x0 = self.smear(x, idx, kv_cache)
         for i, block in enumerate(self.transformer.h):
             if self.config.residual_scalars:
                 x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
@@ -406,24 +396,16 @@ class GPT(nn.Module):
         """The normed token embeddings, in the compute dtype."""
         return norm(self.transformer.wte(idx).to(self.compute_dtype))
 
-    def smear(self, x, before):
+    def smear(self, x, idx, kv_cache):
         """Add to each token's (normed) embedding a gated share of the previous token's. The first
-        token has none, unless `before` says which token came before it (in decoding)."""
+        token has none, unless a KV cache says which token came before idx (in decoding)."""
+        before = kv_cache.previous_tokens(idx) if kv_cache is not None else None
         if before is None:
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         else:
             prev = torch.cat([self.embed(before[:, None]), x[:, :-1]], dim=1)
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))
         return x + gate * prev
-
-    def bigram_rows(self, idx, before):
-        """Each token's row of the bigram table: its pair with the token before, hashed (odd
-        multipliers and a xor spread the pairs of frequent, i.e. low, token ids over the table), or
-        the last row where no token came before."""
-        rows = self.bigram_embed.num_embeddings
-        prev = F.pad(idx[:, :-1], (1, 0), value=-1) if before is None else torch.cat([before[:, None], idx[:, :-1]], dim=1)
-        hashed = ((idx * 1000003) ^ (prev * 998244353)) % (rows - 1)
-        return torch.where(prev < 0, rows - 1, hashed)
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

@@ -8,7 +8,6 @@ exactly. A stage script supplies only its model source, its batches and its loss
 import argparse
 import base64
 import gc
-import math
 import signal
 import sys
 import time
@@ -69,8 +68,6 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g.add_argument("--init_lr_frac", type=float, default=init_lr_frac, help="start at this fraction of the LRs above")
     g.add_argument("--warmup_ratio", type=float, default=warmup_ratio, help="fraction of the steps that ramp the LRs up")
     g.add_argument("--warmdown_ratio", type=float, default=warmdown_ratio, help="fraction of the steps that ramp the LRs down at the end")
-    g.add_argument("--warmdown_shape", choices=["linear", "sqrt"], default="linear",
-                   help="the warmdown's curve: linear, or 1 - sqrt(fraction of it done) (Hägele et al. 2024)")
     g.add_argument("--final_lr_frac", type=float, default=final_lr_frac, help="the LRs at the last step, as a fraction of their peak")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     g.add_argument("--eval_every", type=int, default=eval_every, help="evaluate every N steps (0 = only at the end)")
@@ -81,19 +78,16 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g.add_argument("--dry_run", type=int, default=0, help="1 = train and evaluate, but write no checkpoint or report")
 
 
-def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac, warmdown_shape="linear"):
-    """Linear warmup, constant, then a warmdown to final_lr_frac over the last part: linear, or
-    1 - sqrt(fraction done), which leaves the LR high for longer but drops it faster at first."""
+def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Linear warmup, constant, then linear warmdown to final_lr_frac over the last part."""
     warmup = round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
     if step <= num_iterations - warmdown:
         return 1.0
-    left = (num_iterations - step) / warmdown
-    if warmdown_shape == "sqrt":
-        left = 1 - math.sqrt(1 - left)
-    return left + (1 - left) * final_lr_frac
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
 
 
 def muon_momentum(step, num_iterations, warmup_steps, cooldown_ratio, low=0.85, high=0.95):
@@ -338,8 +332,7 @@ class Trainer:
                 loss = loss_fn(self.train_model, next_batch()) / grad_accum
                 loss.backward()
                 step_loss = step_loss + loss.detach()
-            lrm = lr_multiplier(self.step, self.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac,
-                                args.warmdown_shape)
+            lrm = lr_multiplier(self.step, self.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
             for opt in self.optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lrm

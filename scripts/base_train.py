@@ -34,8 +34,7 @@ m.add_argument("--window", type=float, default=None, help="sliding attention win
 m.add_argument("--attn_scale", type=float, default=None, help="scale of the attention scores (0 = 1/sqrt(head_dim))")
 m.add_argument("--attn_gate", type=int, choices=[0, 1], default=None, help="a learned gate per head on attention's output")
 m.add_argument("--smear", type=int, choices=[0, 1], default=None, help="mix a gated share of the previous token's embedding into each token's")
-m.add_argument("--bigram", type=int, default=None, help="a hashed token-pair embedding of this many times vocab_size rows (0 = none)")
-MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale", "attn_gate", "smear", "bigram")
+MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale", "attn_gate", "smear")
 parser.add_argument("--init_scale", type=float, default=1.0, help="initial std of the blocks' input matrices, times 1/sqrt(width)")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
 parser.add_argument("--packing", choices=PACKINGS, default="bestfit", help="how documents fill training rows (nanochat.dataloader)")
@@ -65,10 +64,9 @@ REFERENCE_DEPTH, REFERENCE_BATCH = 20, 2**19
 
 
 def horizon_params(model):
-    """The parameters the horizon counts: all but the lookup tables past the token embedding (value
-    embeddings, bigrams), as large as the rest of the model at depth 20, which would otherwise more
-    than double the run."""
-    return model.num_params() - sum(table.numel() for table in model.embeddings()[1:])
+    """The parameters the horizon counts: all but the value-embedding tables, lookups as large as
+    the rest of the model at depth 20, which would otherwise more than double the run."""
+    return model.num_params() - sum(table.weight.numel() for table in model.value_embeds.values())
 
 
 def batch_rule(config, params):

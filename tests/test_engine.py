@@ -21,7 +21,7 @@ def tok():
     return RustBPETokenizer.train_from_iterator(iter([TEXT]), 300)
 
 
-@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4 / 64)], ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12, gates, smear, bigrams"])
+@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4 / 64)], ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12, gates, smear"])
 def model(tok, request):
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()
@@ -31,8 +31,7 @@ def model(tok, request):
         else:
             n_head, n_kv_head, window = request.param  # (a window on the first layer: shorter than most prompts)
             m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128,
-                              window=window, attn_scale=0.12 if window else 0.0, attn_gate=bool(window), smear=bool(window),
-                              bigram=2 if window else 0))
+                              window=window, attn_scale=0.12 if window else 0.0, attn_gate=bool(window), smear=bool(window)))
     m.to_empty(device=DEVICE)
     m.init_weights()
     with torch.no_grad():
@@ -45,8 +44,6 @@ def model(tok, request):
         if m.config.smear:  # each token's input part its predecessor's
             m.smear_lambda.fill_(0.5)
             m.smear_gate.weight.normal_(std=0.1)
-        if m.config.bigram:  # and each token's pair with it
-            m.bigram_embed.weight.normal_(std=0.5)
     return m.eval()
 
 

@@ -20,7 +20,7 @@ def make(depth, vocab=1000, seq=64, seed=0, **options):
 
 
 PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False, smear=False)
-RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, bigram=2)
+RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True)
 
 
 @pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "every option"])
@@ -34,8 +34,7 @@ def test_parameter_count_and_flops_closed_form(depth, options):
     gates += depth * C * model.config.n_head if options.get("attn_gate") else 0  # attention's: all channels, one per head
     scalars = 2 * depth if options["residual_scalars"] else 0
     scalars += min(32, C) + 1 if options.get("smear") else 0  # the smear's gate (32 channels) and its lambda
-    bigrams = options.get("bigram", 0) * vocab * C  # the bigram table's rows: a multiple of the (unpadded) vocab
-    assert model.num_params() == 12 * depth * C * C + 2 * padded * C + n_ve * padded * C + bigrams + gates + scalars
+    assert model.num_params() == 12 * depth * C * C + 2 * padded * C + n_ve * padded * C + gates + scalars
     short = sum(1 for i in range(depth - 1) if i % 4 != 3) if options["window"] else 0  # windowed layers: 3 in 4, not the last
     keys = short * seq // 4 + (depth - short) * seq  # the keys each layer's attention reads
     assert model.estimate_flops() == 6 * (12 * depth * C * C + padded * C + gates) + 12 * C * keys
@@ -134,8 +133,6 @@ def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
         if model.config.smear:
             model.smear_lambda.fill_(0.5)
             model.smear_gate.weight.normal_()
-        if model.config.bigram:
-            model.bigram_embed.weight.normal_(std=0.5)
     return model.eval()
 
 
@@ -307,43 +304,18 @@ def test_smear_against_a_hand_written_embedding():
         assert not torch.allclose(model(idx), make_live(None, options=dict(value_embeds=False, smear=False))(idx), atol=1e-3)
 
 
-def test_bigram_against_a_hand_written_embedding():
-    """Token t's input is e_t + table[row], row = ((id_t * 1000003) xor (id_(t-1) * 998244353)) mod
-    (rows - 1) (Python's integers), or the last row for the first token."""
-    model = make_live(None, options=dict(value_embeds=False, smear=False, bigram=3))
-    rows = model.bigram_embed.num_embeddings
-    assert rows == 3000
-    idx = torch.randint(0, 1000, (2, 12))
-    idx[1, 5:7] = idx[1, 1:3]  # a pair seen twice takes the same row
-    with torch.no_grad():
-        x = norm(model.transformer.wte(idx))
-        for b in range(2):
-            for t in range(12):
-                cur, prev = idx[b, t].item(), idx[b, t - 1].item() if t else None
-                row = rows - 1 if prev is None else ((cur * 1000003) ^ (prev * 998244353)) % (rows - 1)
-                x[b, t] += model.bigram_embed.weight[row]
-        cos, sin = model.cos[:, :12], model.sin[:, :12]
-        for block in model.transformer.h:
-            x = block(x, cos, sin)
-        reference = 15 * torch.tanh(model.lm_head(norm(x)) / 15)
-        assert torch.allclose(model(idx), reference[..., :1000], atol=1e-5)
-    assert model.bigram_rows(idx, None)[1, 6] == model.bigram_rows(idx, None)[1, 2]
-    assert len(set(model.bigram_rows(idx, None).flatten().tolist())) > 12  # pairs spread over the table
-
-
 def test_neutral_options_compute_the_plain_model():
     """Value embeddings of zero, residual weights of 1 and input-skip weights of 0 change nothing:
     the options add to the model, they do not disturb what was there."""
     plain, rich = make_live(None, options=PLAIN), make_live(None, options={**RICH, "window": 0.0})
     missing = rich.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["bigram_embed.weight", "resid_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.attn_gate.weight",
+    assert sorted(missing) == ["resid_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.attn_gate.weight",
                                "transformer.h.1.attn.attn_gate.weight", "transformer.h.1.attn.ve_gate.weight",
                                "value_embeds.1.weight", "x0_lambdas"]
     with torch.no_grad():
         rich.value_embeds["1"].weight.zero_()
         rich.x0_lambdas.zero_()
         rich.smear_lambda.zero_()
-        rich.bigram_embed.weight.zero_()
         for block in rich.transformer.h:
             block.attn.attn_gate.weight.zero_()  # gates of 1
     idx = torch.randint(0, 1000, (2, 16))

@@ -104,11 +104,7 @@ CONFIGS = {
     # the schedule and the head's LR again, on today's recipe
     "r6_unembedding_lr_0.002": ROUND6 + ["--unembedding_lr=0.002"],  # 2x was much worse on the baseline
     "r6_warmdown_0.7": ROUND6 + ["--warmdown_ratio=0.7"],
-    "r6_warmdown_sqrt": ROUND6 + ["--warmdown_shape=sqrt"],
     "r6_momentum_cooldown_0.5": ROUND6 + ["--momentum_cooldown=0.5"],  # Muon's momentum back to 0.85 over the warmdown
-    # a hashed bigram embedding (after modded-nanogpt): 5 x vocab rows, added to each token's embedding
-    "r6_bigram_5": ROUND6 + ["--bigram=5"],
-    "r6_bigram_1": ROUND6 + ["--bigram=1"],  # fewer rows, each seen more often in a short run
 }
 
 
