@@ -40,7 +40,7 @@ def batch_size_flag(value):
 
 
 def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0, warmup_ratio=0.0,
-                     warmdown_ratio=0.2, final_lr_frac=0.0, source=None):
+                     warmdown_ratio=0.2, final_lr_frac=0.0, momentum_cooldown=0.0, source=None):
     """The flags every stage takes, with the same meaning everywhere (defaults differ by stage)."""
     g = parser.add_argument_group("shared by every training stage")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
@@ -63,7 +63,7 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g.add_argument("--newton_schulz", choices=["classic", "polar"], default="classic", help="Muon's orthogonalization")
     g.add_argument("--normuon_beta2", type=float, default=0.0, help="NorMuon's per-row normalization EMA (0 = off)")
     g.add_argument("--momentum_warmup", type=int, default=300, help="steps over which Muon's momentum ramps from 0.85 to 0.95")
-    g.add_argument("--momentum_cooldown", type=float, default=0.0,
+    g.add_argument("--momentum_cooldown", type=float, default=momentum_cooldown,
                    help="fraction of the steps at the end over which Muon's momentum ramps back down to 0.85")
     g.add_argument("--init_lr_frac", type=float, default=init_lr_frac, help="start at this fraction of the LRs above")
     g.add_argument("--warmup_ratio", type=float, default=warmup_ratio, help="fraction of the steps that ramp the LRs up")

@@ -21,7 +21,7 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import Trainer, add_common_flags, parse_args
 
 parser = make_parser(description="Pretrain the GPT.")
-add_common_flags(parser, device_batch_size=32, eval_every=250, warmdown_ratio=0.5)
+add_common_flags(parser, device_batch_size=32, eval_every=250, warmdown_ratio=0.5, momentum_cooldown=0.5)  # dev/bench/recipe.py
 parser.add_argument("--depth", type=int, default=20, help="layers; width = 64 * depth")
 parser.add_argument("--max_seq_len", type=int, default=2048, help="context length of training rows, in tokens")
 parser.add_argument("--seed", type=int, default=42, help="initial weights' seed (the data order is fixed)")

@@ -38,6 +38,7 @@ def test_train_kill_and_resume_is_bit_identical(pretrain_env):
     steps, bpbs = losses(straight.stdout)
     assert sorted(steps) == list(range(1, 21))
     assert float(steps[20]) < float(steps[1])  # it learns
+    assert "warmdown_ratio=0.5," in straight.stdout and "momentum_cooldown=0.5," in straight.stdout  # the recipe's schedule
     assert saved_steps(checkpoint_dir("base", "straight")) == [10, 20]
     assert "final_val_bpb" in (pretrain_env / "report" / "base-model-training.md").read_text()
 

@@ -105,8 +105,6 @@ CONFIGS = {
     "r6_unembedding_lr_0.002": ROUND6 + ["--unembedding_lr=0.002"],  # 2x was much worse on the baseline
     "r6_warmdown_0.7": ROUND6 + ["--warmdown_ratio=0.7"],
     "r6_momentum_cooldown_0.5": ROUND6 + ["--momentum_cooldown=0.5"],  # Muon's momentum back to 0.85 over the warmdown
-    "r6_matrix_lr_0.03": ROUND6 + ["--matrix_lr=0.03"],  # a longer warmdown often moves the best peak LR up
-    "r6_embedding_lr_0.3": ROUND6 + ["--embedding_lr=0.3"],
 }
 
 
