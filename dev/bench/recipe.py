@@ -42,6 +42,8 @@ VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
 ROUND5 = VWW + ["--attn_gate=1", "--window=0.125"]
 # The sixth round's (smear), against which the seventh round's are measured.
 ROUND6 = ROUND5 + ["--smear=1"]
+# The eighth round's (Muon's momentum cooldown), against which the ninth round's are measured.
+ROUND8 = ROUND6 + ["--momentum_cooldown=0.5"]
 # The batch rule's rows: twice the batch for half the steps (the same tokens), with the LRs as they
 # are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
@@ -104,7 +106,11 @@ CONFIGS = {
     # the schedule and the head's LR again, on today's recipe
     "r6_unembedding_lr_0.002": ROUND6 + ["--unembedding_lr=0.002"],  # 2x was much worse on the baseline
     "r6_warmdown_0.7": ROUND6 + ["--warmdown_ratio=0.7"],
-    "r6_momentum_cooldown_0.5": ROUND6 + ["--momentum_cooldown=0.5"],  # Muon's momentum back to 0.85 over the warmdown
+    "r6_momentum_cooldown_0.5": ROUND8,  # Muon's momentum back to 0.85 over the warmdown
+    # the eighth round's recipe (its rows copied from r6_momentum_cooldown_0.5's), and the LRs on top of it
+    "round8": ROUND8,
+    "r8_matrix_lr_0.03": ROUND8 + ["--matrix_lr=0.03"],  # a longer warmdown often moves the best peak LR up
+    "r8_embedding_lr_0.3": ROUND8 + ["--embedding_lr=0.3"],
 }
 
 
@@ -196,7 +202,7 @@ def main():
     if args.list:
         for name, flags in CONFIGS.items():
             described = " ".join(flags) or "(base_train's defaults)"
-            for pinned, pinned_name in [(ROUND6, "round6"), (ROUND5, "round5"), (VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
+            for pinned, pinned_name in [(ROUND8, "round8"), (ROUND6, "round6"), (ROUND5, "round5"), (VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
                 if len(flags) > len(pinned) and flags[: len(pinned)] == pinned:
                     described = " ".join([pinned_name, *flags[len(pinned):]])
                     break
