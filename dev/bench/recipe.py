@@ -111,6 +111,7 @@ CONFIGS = {
     "round8": ROUND8,
     "r8_matrix_lr_0.03": ROUND8 + ["--matrix_lr=0.03"],  # a longer warmdown often moves the best peak LR up
     "r8_embedding_lr_0.3": ROUND8 + ["--embedding_lr=0.3"],
+    "r8_grad_clip_0": ROUND8 + ["--grad_clip=0"],  # Muon's update is scale-free: clipping mostly damps AdamW's
 }
 
 
