@@ -62,6 +62,7 @@ class KVCache:
         self.prompt_mask = torch.zeros(rows, 1, 1, prompt_len, dtype=torch.bool, device=device)  # its prompt's slots
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self.last = torch.zeros(rows, dtype=torch.long, device=device)  # each row's latest token (a smear model reads it)
+        self.last_k = torch.zeros(c.n_layer, rows, 1, c.n_kv_head, head_dim, device=device, dtype=dtype)  # and its keys (key offset)
         self.t = torch.zeros(1, dtype=torch.long, device=device)  # the step, on the device (graph replays advance it)
         self.steps = 0  # the same, on the host (eager calls advance it)
         self.slots = torch.arange(budget, device=device)
@@ -91,6 +92,12 @@ class KVCache:
         """The token before each row's new one; the new one becomes the latest."""
         before = self.last.clone()
         self.last.copy_(idx[:, -1])
+        return before
+
+    def previous_key(self, layer, k):
+        """The layer's key of the token before each row's new one; the new one's becomes the latest."""
+        before = self.last_k[layer].clone()
+        self.last_k[layer].copy_(k)
         return before
 
     def attend(self, layer, q, k, v):
@@ -130,6 +137,12 @@ class _PromptView:
         """None: a prompt starts the sequence. Its last token is its rows' latest."""
         group = self.cache.group
         self.cache.last[self.index * group : (self.index + 1) * group] = idx[0, -1]
+        return None
+
+    def previous_key(self, layer, k):
+        """Likewise for a layer's keys."""
+        group = self.cache.group
+        self.cache.last_k[layer, self.index * group : (self.index + 1) * group] = k[0, -1]
         return None
 
     def attend(self, layer, q, k, v):

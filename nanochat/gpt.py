@@ -39,10 +39,11 @@ class GPTConfig:
     attn_scale: float = 0.0  # the attention scores' scale (0: 1/sqrt(head_dim))
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
+    key_offset: bool = False  # the full-context layers' keys take their slow rotary dims from the previous position
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
-              attn_gate=True, smear=True)  # dev/bench/recipe.py
+              attn_gate=True, smear=True, key_offset=True)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, **overrides):
@@ -85,6 +86,18 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def offset_keys(k, before=None):
+    """Each key's slow rotary dims (the pairs that turn least: [D/4, D/2) of each half) taken from
+    the previous position's key, k (B, T, heads, D). A query can then find a position by the token
+    before it and read that position's value: an induction head in one layer, where it takes two
+    otherwise. The first position keeps its own, unless `before` (B, 1, heads, D) is the key of the
+    token that came before (in decoding)."""
+    d = k.size(-1)
+    prev = torch.cat([k[:, :1] if before is None else before, k[:, :-1]], dim=1)
+    slow = torch.arange(d, device=k.device) % (d // 2) >= d // 4
+    return torch.where(slow, prev, k)
+
+
 def apply_rotary(x, cos, sin):
     """Rotate pairs (x1[i], x2[i]) of the two halves of each head by position-dependent angles:
     (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin). The tables hold cos twice and (sin, -sin),
@@ -99,6 +112,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx, self.window = layer_idx, layer_window(layer_idx, config)
+        self.key_offset = config.key_offset and not self.window  # the layers that read far (after modded-nanogpt)
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
@@ -124,6 +138,8 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        if self.key_offset:
+            k = offset_keys(k, kv_cache.previous_key(self.layer_idx, k) if kv_cache is not None else None)
         if self.q_gain is not None:
             q = q * self.q_gain
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
@@ -354,8 +370,9 @@ class GPT(nn.Module):
         just the top k it keeps (see `sample`). A kv_cache has get_pos(), the position of idx's first token (an int shared by all
         rows, or a tensor of one position per row when each row brings one token),
         attend(layer, q, k, v), which stores the new keys and values and returns the attention of
-        the new queries over everything it holds, and, for a smear model, previous_tokens(idx): the
-        token before each row's first new one (None at the sequence's start)."""
+        the new queries over everything it holds; for a smear model, previous_tokens(idx): the
+        token before each row's first new one (None at the sequence's start); and for a key-offset
+        model, previous_key(layer, k): likewise the layer's key (before its offset) of that token."""
         T = idx.size(1)
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         dtype = self.compute_dtype

@@ -21,7 +21,7 @@ def tok():
     return RustBPETokenizer.train_from_iterator(iter([TEXT]), 300)
 
 
-@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4 / 64)], ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12, gates, smear"])
+@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4 / 64)], ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12, gates, smear, key offset"])
 def model(tok, request):
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()
@@ -31,7 +31,8 @@ def model(tok, request):
         else:
             n_head, n_kv_head, window = request.param  # (a window on the first layer: shorter than most prompts)
             m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128,
-                              window=window, attn_scale=0.12 if window else 0.0, attn_gate=bool(window), smear=bool(window)))
+                              window=window, attn_scale=0.12 if window else 0.0, attn_gate=bool(window), smear=bool(window),
+                              key_offset=bool(window)))
     m.to_empty(device=DEVICE)
     m.init_weights()
     with torch.no_grad():

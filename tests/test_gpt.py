@@ -19,8 +19,8 @@ def make(depth, vocab=1000, seq=64, seed=0, **options):
     return model
 
 
-PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False, smear=False)
-RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True)
+PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False, smear=False, key_offset=False)
+RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, key_offset=True)
 
 
 @pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "every option"])
@@ -88,19 +88,23 @@ def test_logits_are_cropped_and_ignored_targets_do_not_count():
 class TinyKVCache:
     """The KV-cache protocol the model expects: get_pos(); attend(layer, q, k, v), which keeps
     k and v and attends over all of them (or a windowed layer's last ones); previous_tokens(idx),
-    the token before idx's first (None at the start)."""
+    the token before idx's first (None at the start); previous_key(layer, k), likewise its key."""
 
     def __init__(self, config):
         n_layer = config.n_layer
         self.k, self.v, self.pos, self.n_layer = [None] * n_layer, [None] * n_layer, 0, n_layer
         self.windows = [layer_window(i, config) for i in range(n_layer)]
-        self.last = None
+        self.last, self.last_k = None, [None] * n_layer
 
     def get_pos(self):
         return self.pos
 
     def previous_tokens(self, idx):
         before, self.last = self.last, idx[:, -1]
+        return before
+
+    def previous_key(self, layer, k):
+        before, self.last_k[layer] = self.last_k[layer], k[:, -1:]
         return before
 
     def attend(self, layer, q, k, v):
@@ -136,17 +140,24 @@ def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
     return model.eval()
 
 
-def naive_attention(attn, x, cos, sin, window=0, scale=None):
+def naive_attention(attn, x, cos, sin, window=0, scale=None, key_offset=False):
     """Causal self-attention written head by head: query head h reads key/value head
     h // (n_head / n_kv_head); scores, softmax and the weighted sum spelled out. With a window,
     query i reads keys i - window + 1 .. i. Scores are scaled by 1/sqrt(head_dim) unless `scale` says otherwise.
-    With an attention gate, head h's output is scaled by 2 * sigmoid(x . w_h)."""
+    With an attention gate, head h's output is scaled by 2 * sigmoid(x . w_h). With a key offset,
+    key i's dims of rotary pairs j >= head_dim / 4 (the slowest half) are key i - 1's (i > 0)."""
     B, T, C = x.shape
     hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
     q = attn.c_q(x).view(B, T, attn.n_head, hd)
     k = attn.c_k(x).view(B, T, attn.n_kv_head, hd)
     v = attn.c_v(x).view(B, T, attn.n_kv_head, hd)
     q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+    if key_offset:
+        shifted = k.clone()
+        for pair in range(hd // 4, hd // 2):  # pair j rotates dims j and j + hd/2, at the j-th highest frequency
+            for dim in (pair, pair + hd // 2):
+                shifted[:, 1:, :, dim] = k[:, :-1, :, dim]
+        k = shifted
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     if window:
         causal &= torch.ones(T, T, dtype=torch.bool).triu(diagonal=1 - window)
@@ -164,11 +175,22 @@ def naive_attention(attn, x, cos, sin, window=0, scale=None):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_attention_matches_a_head_by_head_reference(shape):
     model = make_live(shape)
-    attn = model.transformer.h[0].attn
     x = torch.randn(3, 10, 128)
     cos, sin = model.cos[:, :10], model.sin[:, :10]
     with torch.no_grad():
-        assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin, attn.window), atol=1e-5)
+        for attn in (block.attn for block in model.transformer.h):  # a windowed layer, then a full one with the key offset
+            reference = naive_attention(attn, x, cos, sin, attn.window, key_offset=attn.key_offset)
+            assert torch.allclose(attn(x, cos, sin), reference, atol=1e-5)
+
+
+def test_key_offset_is_on_the_full_context_layers_and_changes_them():
+    model = make_live(None)
+    assert [block.attn.key_offset for block in model.transformer.h] == [False, True]  # layer 0 is windowed
+    assert all(block.attn.key_offset for block in make_live(None, options={**RICH, "window": 0.0}).transformer.h)
+    attn, x = model.transformer.h[1].attn, torch.randn(3, 10, 128)
+    cos, sin = model.cos[:, :10], model.sin[:, :10]
+    with torch.no_grad():
+        assert not torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-3)
 
 
 def test_sliding_window_attention_matches_the_reference():
@@ -307,7 +329,7 @@ def test_smear_against_a_hand_written_embedding():
 def test_neutral_options_compute_the_plain_model():
     """Value embeddings of zero, residual weights of 1 and input-skip weights of 0 change nothing:
     the options add to the model, they do not disturb what was there."""
-    plain, rich = make_live(None, options=PLAIN), make_live(None, options={**RICH, "window": 0.0})
+    plain, rich = make_live(None, options=PLAIN), make_live(None, options={**RICH, "window": 0.0, "key_offset": False})
     missing = rich.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["resid_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.attn_gate.weight",
                                "transformer.h.1.attn.attn_gate.weight", "transformer.h.1.attn.ve_gate.weight",

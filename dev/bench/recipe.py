@@ -34,7 +34,7 @@ BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
-            "--smear=0", "--packing=bestfit"]
+            "--smear=0", "--key_offset=0", "--packing=bestfit"]
 # The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
 # same way: the fifth round's changes are measured against it.
 VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
@@ -112,6 +112,7 @@ CONFIGS = {
     "r8_matrix_lr_0.03": ROUND8 + ["--matrix_lr=0.03"],  # a longer warmdown often moves the best peak LR up
     "r8_embedding_lr_0.3": ROUND8 + ["--embedding_lr=0.3"],
     "r8_grad_clip_0": ROUND8 + ["--grad_clip=0"],  # Muon's update is scale-free: clipping mostly damps AdamW's
+    "r8_key_offset": ROUND8 + ["--key_offset=1"],
 }
 
 
