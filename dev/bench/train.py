@@ -10,6 +10,7 @@ machines (bf16 Newton–Schulz and embeddings on a CPU that runs bf16 ~150x slow
 
     python dev/bench/train.py [--depths 4 8] [--compile] [--steps 5]   # needs a trained tokenizer for the loader
     python dev/bench/train.py --depths 20 --compile --fp8 --vocab 65536 --seq_len 2048 --batch 32   # one GPU
+    python dev/bench/train.py --depths 4 --off key_offset smear   # also each of these recipe options off: its cost
 """
 
 import os
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nanochat.common import autodetect_device_type, make_parser  # noqa: E402
-from nanochat.gpt import GPT, config_for_depth  # noqa: E402
+from nanochat.gpt import GPT, RECIPE, config_for_depth  # noqa: E402
 from nanochat.optim import step_optimizers  # noqa: E402
 from nanochat.training import peak_flops  # noqa: E402
 
@@ -44,10 +45,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_throughput(depth, device, compile_model, steps, vocab=8192, T=512, B=8, fp8=False):
+def train_throughput(depth, device, compile_model, steps, vocab=8192, T=512, B=8, fp8=False, off=None):
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = GPT(config_for_depth(depth, vocab, T))
+        model = GPT(config_for_depth(depth, vocab, T, **({off: type(RECIPE[off])(0)} if off else {})))
     model.to_empty(device=device)
     model.init_weights()
     if fp8:
@@ -101,6 +102,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (d20 on a GPU: --vocab 65536 --seq_len 2048 --batch 32)")
+    parser.add_argument("--off", nargs="*", default=[], choices=[k for k, v in RECIPE.items() if v and isinstance(v, bool)] + ["window"],
+                        help="recipe options to also measure turned off (window: full attention), one at a time")
     args = parser.parse_args()
     device = torch.device(args.device_type or autodetect_device_type())
     peak = peak_flops(device)
@@ -110,13 +113,14 @@ def main():
     print("| depth | mode | tokens/s | achieved GFLOP/s | MFU | vs original nanochat |")
     print("|---|---|---|---|---|---|")
     for depth in args.depths:
-        modes = [(False, False)] + [(True, False)] * args.compile + [(args.compile, True)] * args.fp8
-        for compiled, fp8 in modes:
-            tps, flops_per_token = train_throughput(depth, device, compiled, args.steps, args.vocab, args.seq_len, args.batch, fp8)
+        modes = [(False, False, None)] + [(True, False, None)] * args.compile + [(args.compile, True, None)] * args.fp8
+        modes += [(args.compile, False, off) for off in args.off]
+        for compiled, fp8, off in modes:
+            tps, flops_per_token = train_throughput(depth, device, compiled, args.steps, args.vocab, args.seq_len, args.batch, fp8, off)
             achieved = tps * flops_per_token
             reference_config = (args.vocab, args.seq_len, args.batch) == (8192, 512, 8)
             ref = REFERENCE_TOKENS_PER_SEC.get(depth) if device.type == "cpu" and reference_config else None
-            mode = ("compiled" if compiled else "eager") + (" fp8" if fp8 else "")
+            mode = ("compiled" if compiled else "eager") + (" fp8" if fp8 else "") + (f", {off} off" if off else "")
             print(f"| {depth} | {mode} | {tps:,.0f} | {achieved / 1e9:.1f} | "
                   f"{100 * achieved / (peak or measured):.1f}% | {f'{tps / ref:.2f}x' if ref else '-'} |")
     print("\n| data loader (1 rank, B=8, steady state) | tokens/s out | cropped (of tokens tokenized) |")
