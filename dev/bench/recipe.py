@@ -34,7 +34,7 @@ BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
-            "--smear=0", "--key_offset=0", "--packing=bestfit"]
+            "--smear=0", "--key_offset=0", "--mtp=0", "--packing=bestfit"]
 # The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
 # same way: the fifth round's changes are measured against it.
 VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
@@ -44,6 +44,8 @@ ROUND5 = VWW + ["--attn_gate=1", "--window=0.125"]
 ROUND6 = ROUND5 + ["--smear=1"]
 # The eighth round's (Muon's momentum cooldown), against which the ninth round's are measured.
 ROUND8 = ROUND6 + ["--momentum_cooldown=0.5"]
+# The tenth round's (the key offset), against which the eleventh round's are measured.
+ROUND10 = ROUND8 + ["--key_offset=1"]
 # The batch rule's rows: twice the batch for half the steps (the same tokens), with the LRs as they
 # are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
@@ -112,7 +114,10 @@ CONFIGS = {
     "r8_matrix_lr_0.03": ROUND8 + ["--matrix_lr=0.03"],  # a longer warmdown often moves the best peak LR up
     "r8_embedding_lr_0.3": ROUND8 + ["--embedding_lr=0.3"],
     "r8_grad_clip_0": ROUND8 + ["--grad_clip=0"],  # Muon's update is scale-free: clipping mostly damps AdamW's
-    "r8_key_offset": ROUND8 + ["--key_offset=1"],
+    "r8_key_offset": ROUND10,
+    # the tenth round's recipe (its rows copied from r8_key_offset's), and changes on top of it
+    "round10": ROUND10,
+    "r10_mtp": ROUND10 + ["--mtp=1"],  # the loss also scores the 2nd and 3rd tokens ahead, fading out by 2/3
 }
 
 
@@ -204,7 +209,7 @@ def main():
     if args.list:
         for name, flags in CONFIGS.items():
             described = " ".join(flags) or "(base_train's defaults)"
-            for pinned, pinned_name in [(ROUND8, "round8"), (ROUND6, "round6"), (ROUND5, "round5"), (VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
+            for pinned, pinned_name in [(ROUND10, "round10"), (ROUND8, "round8"), (ROUND6, "round6"), (ROUND5, "round5"), (VWW, "values_warmdown_window"), (BASELINE, "baseline")]:
                 if len(flags) > len(pinned) and flags[: len(pinned)] == pinned:
                     described = " ".join([pinned_name, *flags[len(pinned):]])
                     break
