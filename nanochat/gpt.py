@@ -211,48 +211,41 @@ class Block(nn.Module):
 
 class _ChunkedSoftcapCrossEntropy(torch.autograd.Function):
     """
-    The loss of `future_targets` (weighted mean cross-entropy) of soft-capped logits h @ W.T,
-    computed in chunks of rows, with the gradients worked out in the same pass. The (tokens x vocab)
-    logits never exist whole: each chunk's stay in cache, which saves the ~10 passes over them that
-    the plain path makes.
+    Mean cross-entropy of soft-capped logits h @ W.T, computed in chunks of rows, with the
+    gradients worked out in the same pass. The (tokens x vocab) logits never exist whole: each
+    chunk's stay in cache, which saves the ~10 passes over them that the plain path makes.
     A float32 CPU training optimisation; the plain path in GPT.forward is the reference it is tested
     against (and what GPUs and low-precision runs use; torch.compile fuses the same work there).
     """
 
     @staticmethod
-    def forward(ctx, h, W, targets, weights, vocab_size, softcap, chunk=256):
+    def forward(ctx, h, W, targets, vocab_size, softcap, chunk=256):
         ctx.padded_rows = W.size(0)
         W = W[:vocab_size]
-        # each column's mean over its valid targets, weighted: loss = sum over rows and columns of coef * nll
-        coef = weights / weights.sum() / (targets >= 0).sum(0).clamp(min=1)
+        count = (targets >= 0).sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h, grad_W = torch.empty_like(h), torch.zeros_like(W)
         for start in range(0, h.size(0), chunk):
             hc, tc = h[start : start + chunk], targets[start : start + chunk]
-            wc = (tc >= 0) * coef  # (rows, columns): each target's share of the loss
-            tc = tc.clamp(min=0)
+            valid = (tc >= 0).unsqueeze(1)
+            tc = tc.clamp(min=0).unsqueeze(1)
             t = torch.tanh((hc @ W.T).mul_(1 / softcap))
             logits = t * softcap
             lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            loss += ((lse - logits.gather(1, tc)) * wc).sum()
-            # d loss / d z = (softmax * sum of the row's shares - each target's share) * (1 - tanh^2)
-            grad = logits.sub_(lse).exp_().mul_(wc.sum(1, keepdim=True))
-            grad.scatter_add_(1, tc, -wc)
-            grad.mul_(t.square_().neg_().add_(1))
+            loss += ((lse - logits.gather(1, tc)) * valid).sum()
+            # d loss / d z = (softmax - onehot) * (1 - tanh^2), for valid rows, over the count
+            grad = logits.sub_(lse).exp_()
+            grad.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=grad.dtype))
+            grad.mul_(t.square_().neg_().add_(1)).mul_(valid / count)
             grad_h[start : start + chunk] = grad @ W
             grad_W.addmm_(grad.T, hc)
         ctx.save_for_backward(grad_h, grad_W)
-        return loss
+        return loss / count
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_W = ctx.saved_tensors
         return grad_h * grad_loss, _pad_rows(grad_W * grad_loss, ctx.padded_rows), None, None, None, None
-
-
-def future_targets(targets, k):
-    """(B, T, k): column j holds the token j + 1 places after each position's next one (-1 past the row's end)."""
-    return torch.stack([F.pad(targets[:, j:], (0, j), value=-1) for j in range(k)], dim=-1)
 
 
 def _pad_rows(grad, total_rows):
@@ -371,12 +364,9 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True, mtp_weights=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True):
         """Logits (float32, soft-capped) of every position, or of the last only; with targets, the
-        loss. mtp_weights (a float tensor of k weights) makes the mean loss multi-token: each position's
-        logits are also scored against the k - 1 tokens after its next one, and the loss is the
-        weighted mean of the k columns' mean cross-entropies (a tensor, so a changing schedule does
-        not recompile). capped=False leaves out the soft cap, which keeps the logits' order: a sampler can cap
+        loss. capped=False leaves out the soft cap, which keeps the logits' order: a sampler can cap
         just the top k it keeps (see `sample`). A kv_cache has get_pos(), the position of idx's first token (an int shared by all
         rows, or a tensor of one position per row when each row brings one token),
         attend(layer, q, k, v), which stores the new keys and values and returns the attention of
@@ -402,12 +392,10 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, kv_cache, ve)
         x = norm(x[:, -1:] if last_only else x)
-        if targets is not None and loss_reduction == "mean":
-            weights = mtp_weights if mtp_weights is not None else torch.ones(1, device=x.device)
-            targets = future_targets(targets, weights.numel())
-            if torch.is_grad_enabled() and x.device.type == "cpu" and dtype == torch.float32:
-                return _ChunkedSoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight,
-                                                         targets.reshape(-1, weights.numel()), weights, self.config.vocab_size, self.config.softcap)
+        if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
+                and dtype == torch.float32):
+            return _ChunkedSoftcapCrossEntropy.apply(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size, self.config.softcap)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         if not capped:
             if targets is not None:
@@ -416,13 +404,10 @@ class GPT(nn.Module):
         logits = softcap(logits, self.config.softcap)
         if targets is None:
             return logits
-        if loss_reduction == "mean":  # a column with no targets has loss 0, not NaN
-            logp = F.log_softmax(logits, dim=-1)
-            valid = targets >= 0
-            nll = -logp.gather(-1, targets.clamp(min=0)) * valid  # (B, T, k)
-            means = nll.sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)
-            return (weights * means).sum() / weights.sum()
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+        if loss_reduction == "mean":  # a batch with no targets has loss 0, not NaN
+            return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / (targets >= 0).sum().clamp(min=1)
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction=loss_reduction)
 
     def embed(self, idx):
         """The normed token embeddings, in the compute dtype."""

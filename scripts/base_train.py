@@ -38,8 +38,6 @@ m.add_argument("--key_offset", type=int, choices=[0, 1], default=None, help="ful
 MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale", "attn_gate", "smear", "key_offset")
 parser.add_argument("--init_scale", type=float, default=1.0, help="initial std of the blocks' input matrices, times 1/sqrt(width)")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
-parser.add_argument("--mtp", type=int, choices=[0, 1], default=0,
-                    help="1 = multi-token prediction over the first two thirds of training (see mtp_weights)")
 parser.add_argument("--packing", choices=PACKINGS, default="bestfit", help="how documents fill training rows (nanochat.dataloader)")
 parser.add_argument("--total_batch_size", type=int, default=-1,
                     help="tokens per optimizer step (-1: by the batch rule, see batch_rule; 524288 at depth 20)")
@@ -89,16 +87,6 @@ def horizon(args, num_params, flops_per_token):
     if args.target_param_data_ratio > 0:
         return max(1, round(args.target_param_data_ratio * num_params / args.total_batch_size))
     raise SystemExit("error: set one of --num_iterations, --target_flops, --target_param_data_ratio")
-
-
-def mtp_weights(progress):
-    """Multi-token prediction's weights of the next three tokens at this point of training (after
-    modded-nanogpt): 1, 1/2 and 1/4 fading to 0 over the first third, 1 and 1/2 fading to 0 over the
-    second; None (next-token prediction only) for the last third, which the val loss scores."""
-    phase, frac = divmod(3 * progress, 1)
-    if phase >= 2:
-        return None
-    return [1.0, 0.5, 0.25 * (1 - frac)] if phase == 0 else [1.0, 0.5 * (1 - frac), 0.0]
 
 
 def main():
@@ -182,11 +170,7 @@ def main():
         return metrics
 
     t_start = time.time()
-    def loss_fn(m, batch):
-        weights = mtp_weights(trainer.step / num_iterations) if args.mtp else None
-        return m(*batch, mtp_weights=None if weights is None else torch.tensor(weights, device=device))
-
-    loop = trainer.fit(grad_accum, next_batch, loss_fn, evaluate, lambda: loader_state,
+    loop = trainer.fit(grad_accum, next_batch, lambda m, batch: m(*batch), evaluate, lambda: loader_state,
                        log_extra=lambda: f" | cropped: {100 * cropped_fraction(loader_state):.1f}%")
     print0(f"done: {trainer.step} steps, min val bpb {loop['min_val_bpb']}, {(time.time() - t_start) / 60:.2f} min wall")
     trainer.finish("Base model training", {

@@ -396,41 +396,6 @@ def test_chunked_training_loss_matches_the_plain_path():
     assert abs(plain.item() - math.log(1000)) < 0.05
 
 
-def test_multi_token_loss_is_the_weighted_mean_of_shifted_next_token_losses():
-    """The mtp loss (chunked on CPU when training, plain without grad) against per-token losses of
-    targets shifted by hand, one forward each: column j scores each position's logits against the
-    token j places after its next one; positions with nothing there (or -1) do not count."""
-    model = make(2, vocab=300)
-    model.lm_head.weight.data.normal_(std=0.5)
-    x = torch.randint(0, 300, (3, 40))
-    y = torch.randint(0, 300, (3, 40))
-    y[1, 20:25] = -1
-    weights = torch.tensor([1.0, 0.5, 0.25])
-
-    def reference():
-        total = 0.0
-        for j, w in enumerate(weights):
-            shifted = torch.full_like(y, -1)
-            shifted[:, : y.size(1) - j] = y[:, j:]
-            total = total + w * model(x, shifted, loss_reduction="none").sum() / (shifted >= 0).sum()
-        return total / weights.sum()
-
-    grads = []
-    for loss_fn in (lambda: model(x, y, mtp_weights=weights), reference):
-        model.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_m, g_m), (loss_r, g_r) = grads
-    assert torch.allclose(loss_m, loss_r, atol=1e-5)
-    for name in g_r:
-        assert torch.allclose(g_m[name], g_r[name], atol=1e-6, rtol=1e-4), name
-    with torch.no_grad():
-        assert torch.allclose(model(x, y, mtp_weights=weights), loss_r, atol=1e-5)  # the plain path
-        assert torch.allclose(model(x, y, mtp_weights=torch.tensor([1.0, 0.0])), model(x, y), atol=1e-6)
-    assert not torch.allclose(loss_m, model(x, y).detach(), atol=1e-3)  # the other columns count
-
-
 def test_a_batch_without_targets_has_zero_loss_not_nan():
     model = make(2, vocab=100)
     x = torch.randint(0, 100, (2, 8))
