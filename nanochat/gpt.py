@@ -46,11 +46,11 @@ RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_ba
               attn_gate=True, smear=True, key_offset=True)  # dev/bench/recipe.py
 
 
-def config_for_depth(depth, vocab_size, sequence_len, **overrides):
-    """The one dial: width = 64 * depth, attention heads of (about) 128 dims, and the RECIPE's
+def config_for_depth(depth, vocab_size, sequence_len, head_dim=128, **overrides):
+    """The one dial: width = 64 * depth, attention heads of (about) head_dim dims, and the RECIPE's
     options unless overridden."""
     n_embd = 64 * depth
-    n_head = max(1, math.ceil(n_embd / 128))
+    n_head = max(1, math.ceil(n_embd / head_dim))
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
                      n_embd=n_embd, **{**RECIPE, **overrides})
 

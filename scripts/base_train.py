@@ -26,6 +26,7 @@ parser.add_argument("--depth", type=int, default=20, help="layers; width = 64 * 
 parser.add_argument("--max_seq_len", type=int, default=2048, help="context length of training rows, in tokens")
 parser.add_argument("--seed", type=int, default=42, help="initial weights' seed (the data order is fixed)")
 m = parser.add_argument_group("model options (default: the recipe's, nanochat.gpt.RECIPE)")
+m.add_argument("--head_dim", type=int, default=128, help="attention head size (heads = width / head_dim)")
 m.add_argument("--value_embeds", type=int, choices=[0, 1], default=None, help="gated value embeddings on every other layer")
 m.add_argument("--residual_scalars", type=int, choices=[0, 1], default=None, help="learned per-layer residual and input-skip weights")
 m.add_argument("--softcap", type=float, default=None, help="logit soft cap")
@@ -101,7 +102,7 @@ def main():
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
     options = {k: type(RECIPE[k])(getattr(args, k)) for k in MODEL_OPTIONS if getattr(args, k) is not None}
-    config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, **options)
+    config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.head_dim, **options)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

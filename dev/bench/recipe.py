@@ -34,7 +34,7 @@ BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
-            "--smear=0", "--key_offset=0", "--packing=bestfit"]
+            "--smear=0", "--key_offset=0", "--head_dim=128", "--packing=bestfit"]
 # The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
 # same way: the fifth round's changes are measured against it.
 VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
@@ -118,6 +118,7 @@ CONFIGS = {
     # the tenth round's recipe (its rows copied from r8_key_offset's), and changes on top of it
     "round10": ROUND10,
     "r10_softcap_20": ROUND10 + ["--softcap=20"],  # nanochat's best cap at depth 24 (2026-03)
+    "r10_head_dim_64": ROUND10 + ["--head_dim=64"],  # twice the heads, same parameters and FLOPs
 }
 
 
