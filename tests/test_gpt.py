@@ -25,9 +25,10 @@ RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=Tru
 
 @pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "every option"])
 @pytest.mark.parametrize("depth", [1, 2, 4, 6])
-def test_parameter_count_and_flops_closed_form(depth, options):
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_parameter_count_and_flops_closed_form(depth, options, head_dim):
     vocab, seq = 1000, 64
-    model = make(depth, vocab, seq, **options)
+    model = make(depth, vocab, seq, head_dim=head_dim, **options)
     C, padded = 64 * depth, 1024  # 1000 padded up to a multiple of 64
     n_ve = (depth + 1) // 2 if options["value_embeds"] else 0  # every other layer, the last included
     gates = n_ve * min(32, C) * model.config.n_head  # each reads 32 channels, one gate per kv head
@@ -38,8 +39,7 @@ def test_parameter_count_and_flops_closed_form(depth, options):
     short = sum(1 for i in range(depth - 1) if i % 4 != 3) if options["window"] else 0  # windowed layers: 3 in 4, not the last
     keys = short * seq // 4 + (depth - short) * seq  # the keys each layer's attention reads
     assert model.estimate_flops() == 6 * (12 * depth * C * C + padded * C + gates) + 12 * C * keys
-    head_dim = C // model.config.n_head
-    assert head_dim == min(C, 128)
+    assert C // model.config.n_head == min(C, head_dim)
 
 
 def test_depth_20_is_the_speedrun_model():
