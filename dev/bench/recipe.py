@@ -119,6 +119,7 @@ CONFIGS = {
     "round10": ROUND10,
     "r10_softcap_20": ROUND10 + ["--softcap=20"],  # nanochat's best cap at depth 24 (2026-03)
     "r10_head_dim_64": ROUND10 + ["--head_dim=64"],  # twice the heads, same parameters and FLOPs
+    "r10_window_0.0625": ROUND10 + ["--window=0.0625"],  # does the key offset move the best window?
 }
 
 
