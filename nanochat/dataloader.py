@@ -5,9 +5,10 @@ Each rank reads its own row groups (strided by rank and world size), tokenizes t
 with tiktoken, prepends BOS to every document, and packs documents into rows of T + 1 tokens:
 
 - "bestfit" (default): every row starts at a document start. Documents wait in a buffer sorted by
-  length; each row takes the longest document that still fits, again and again, and when none
-  fits it fills the rest with the start of the shortest one (the remainder is cropped: dropped).
-  A document longer than a whole row starts a row of its own, where cropping it wastes least.
+  length; each row starts with the one that has waited longest (so every document gets its turn,
+  in the order read), then takes the longest that still fits, again and again, and when none fits
+  fills the rest with the start of the shortest one (the remainder is cropped: dropped). A document
+  longer than a row only ever starts one, where cropping it wastes least.
 - "bestfit_keep": the same, but what would be cropped goes back into the buffer as a piece of its
   own (nothing is dropped; a row may then start mid-document, as whole-document evaluation's
   windows do).
@@ -134,8 +135,11 @@ def _batches(tokenizer, B, T, split, paths, device, state, packing, buffer_docs,
                 refill()
                 room = row_len - filled
                 if packing != "concat":
-                    if room == row_len and buffer[-1][0] > row_len:
-                        i = len(buffer) - 1  # too long for any row: cropped least when it fills a whole one
+                    # A row starts with the document read first (sources sort in reading order). Starting
+                    # rows with the longest instead starves the short ones while long ones keep coming:
+                    # at T=512, where 84% of documents are longer than a row, for the first ~5000 rows.
+                    if room == row_len:
+                        i = min(range(len(buffer)), key=lambda j: buffer[j][1])
                     else:
                         i = max(bisect.bisect_right(buffer, room, key=lambda x: x[0]) - 1, 0)  # none fits: the shortest, cropped
                     length, src, tokens, off = buffer.pop(i)

@@ -66,6 +66,24 @@ def test_bestfit_rows_are_whole_documents_and_one_cropped_tail(pretrain_env):
     assert 0 < cropped_fraction(state) < 1
 
 
+def test_bestfit_rows_start_with_documents_in_reading_order(pretrain_env):
+    """Rows start with the document that waited longest, not the longest one: with rows shorter than
+    most documents, longest-first would start every row with a long one and hold the short ones back."""
+    tok = get_tokenizer()
+    bos = tok.get_bos_token_id()
+    docs = documents(tok)
+    loader = tokenizing_distributed_data_loader(tok, 4, 256, "train", rank=0, world_size=1, buffer_docs=200)
+    rows = [row for x, _, _ in take(loader, 10) for row in x.numpy().tolist()]
+    assert sum(len(docs[i]) > 257 for i in range(len(rows))) > len(rows) // 2  # most documents are longer than a row
+    last = -1
+    for row in rows:
+        end = row.index(bos, 1) if bos in row[1:] else len(row)
+        first = row[:end]  # the row's first document, cropped or whole
+        last = next((i for i in range(last + 1, len(docs)) if docs[i][: len(first)] == first), None)
+        assert last is not None, "a row starts with a document read before the previous row's"
+    assert any(bos in row[1:] for row in rows)  # and short documents share rows from the start
+
+
 @pytest.mark.parametrize("packing", ["bestfit", "bestfit_keep", "concat"])
 def test_resume_state_reproduces_the_next_batches(pretrain_env, packing):
     tok = get_tokenizer()

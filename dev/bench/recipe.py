@@ -46,6 +46,9 @@ ROUND6 = ROUND5 + ["--smear=1"]
 ROUND8 = ROUND6 + ["--momentum_cooldown=0.5"]
 # The tenth round's (the key offset), against which the eleventh round's are measured.
 ROUND10 = ROUND8 + ["--key_offset=1"]
+# The twelfth round's: the same flags, but rows start with the document read first (nanochat.dataloader);
+# every row before it was measured with longest-first rows, which at this T trained on long documents only.
+ROUND12 = ROUND10
 # The batch rule's rows: twice the batch for half the steps (the same tokens), with the LRs as they
 # are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
@@ -120,6 +123,8 @@ CONFIGS = {
     "r10_softcap_20": ROUND10 + ["--softcap=20"],  # nanochat's best cap at depth 24 (2026-03)
     "r10_head_dim_64": ROUND10 + ["--head_dim=64"],  # twice the heads, same parameters and FLOPs
     "r10_window_0.0625": ROUND10 + ["--window=0.0625"],  # does the key offset move the best window?
+    # the twelfth round's recipe (its rows copied from the loader patch's, screen_fifo_start)
+    "round12": ROUND12,
 }
 
 
