@@ -68,11 +68,15 @@ class KVCache:
         self.slots = torch.arange(budget, device=device)
         self.prompt_slots = torch.arange(prompt_len, device=device)
         self.windows = [layer_window(i, c) for i in range(c.n_layer)]  # keys each layer's query sees (0: all)
+        self.doc_token = c.doc_token
 
-    def start(self, lengths):
-        """A new batch of prompts of these lengths (in place: a CUDA graph holds these tensors)."""
-        lengths = torch.tensor(lengths, device=self.pos.device).repeat_interleave(self.group)
-        self.prompt_mask.copy_((torch.arange(self.prompt_mask.size(-1), device=lengths.device) < lengths[:, None])[:, None, None])
+    def start(self, prompts):
+        """A new batch of prompts (in place: a CUDA graph holds these tensors). A row's query sees its
+        prompt's slots from where the prompt's last document begins (for a model with a doc_token)."""
+        first = [max((i for i, t in enumerate(p) if t == self.doc_token), default=0) for p in prompts]
+        lengths, first = (torch.tensor(a, device=self.pos.device).repeat_interleave(self.group) for a in ([len(p) for p in prompts], first))
+        slots = torch.arange(self.prompt_mask.size(-1), device=lengths.device)
+        self.prompt_mask.copy_(((slots < lengths[:, None]) & (slots >= first[:, None]))[:, None, None])
         self.pos.copy_(lengths)
         self.t.zero_()
         self.steps = 0
@@ -100,8 +104,9 @@ class KVCache:
         self.last_k[layer].copy_(k)
         return before
 
-    def attend(self, layer, q, k, v):
-        """One new token per row: keep its key and value, attend over its prompt's and its reply's."""
+    def attend(self, layer, q, k, v, starts=None):
+        """One new token per row: keep its key and value, attend over its prompt's and its reply's.
+        (`starts` is not needed: a row stops at <|bos|>, so no reply begins a document.)"""
         self.reply_k[layer].index_copy_(2, self.t, k)
         self.reply_v[layer].index_copy_(2, self.t, v)
         reply_k, reply_v, reply_mask, prompt_mask = self.reply_k[layer], self.reply_v[layer], None, self.prompt_mask
@@ -145,11 +150,11 @@ class _PromptView:
         self.cache.last_k[layer, self.index * group : (self.index + 1) * group] = k[0, -1]
         return None
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, starts=None):
         n = k.size(2)
         self.cache.prompt_k[layer, self.index, :, :n] = k[0]
         self.cache.prompt_v[layer, self.index, :, :n] = v[0]
-        return causal_attention(q, k, v, self.cache.windows[layer])
+        return causal_attention(q, k, v, self.cache.windows[layer], None if starts is None else starts.cumsum(1))
 
 
 def _prompt_and_reply_attention(q, prompt_k, prompt_v, prompt_mask, reply_k, reply_v, reply_mask):
@@ -349,7 +354,7 @@ class _Batch:
         self.rng = torch.Generator(device=device).manual_seed(seed)
         if max(budgets) > 0:  # (with nothing to generate, no model call at all)
             self.cache, self.decode = engine._decoder(len(prompts), group, longest, max(budgets))
-            self.cache.start([len(p) for p in prompts])
+            self.cache.start(prompts)
             self.logits = torch.cat([self.cache.prefill(engine.model, p, i).expand(group, -1)
                                      for i, p in enumerate(prompts)])
         # Row r's reply is out[r, :end[r]]; end starts at its budget (0 if idle) and drops to where it stops.

@@ -40,6 +40,7 @@ class GPTConfig:
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
     key_offset: bool = False  # the full-context layers' keys take their slow rotary dims from the previous position
+    doc_token: int = -1  # the token that begins every document (BOS): attention, smear and key offset stay inside one (-1: none)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
@@ -86,15 +87,17 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def offset_keys(k, before=None):
+def offset_keys(k, before=None, starts=None):
     """Each key's slow rotary dims (the pairs that turn least: [D/4, D/2) of each half) taken from
     the previous position's key, k (B, T, heads, D). A query can then find a position by the token
     before it and read that position's value: an induction head in one layer, where it takes two
     otherwise. The first position keeps its own, unless `before` (B, 1, heads, D) is the key of the
-    token that came before (in decoding)."""
+    token that came before (in decoding); so does a position where `starts` (B, T) says a document begins."""
     d = k.size(-1)
     prev = torch.cat([k[:, :1] if before is None else before, k[:, :-1]], dim=1)
     slow = torch.arange(d, device=k.device) % (d // 2) >= d // 4
+    if starts is not None:
+        slow = slow & ~starts[:, :, None, None]
     return torch.where(slow, prev, k)
 
 
@@ -129,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         # init; lets a head say nothing for a token instead of parking its attention on the first one.
         self.attn_gate = Linear(config.n_embd, self.n_head) if config.attn_gate else None
 
-    def forward(self, x, cos, sin, kv_cache=None, ve=None):
+    def forward(self, x, cos, sin, kv_cache=None, ve=None, starts=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -139,53 +142,61 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         if self.key_offset:
-            k = offset_keys(k, kv_cache.previous_key(self.layer_idx, k) if kv_cache is not None else None)
+            k = offset_keys(k, kv_cache.previous_key(self.layer_idx, k) if kv_cache is not None else None, starts)
         if self.q_gain is not None:
             q = q * self.q_gain
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if kv_cache is None:
-            y = causal_attention(q, k, v, self.window)
+            y = causal_attention(q, k, v, self.window, None if starts is None else starts.cumsum(1))
         else:  # the cache stores k and v, and attends over everything it holds
-            y = kv_cache.attend(self.layer_idx, q, k, v)
+            y = kv_cache.attend(self.layer_idx, q, k, v, starts)
         y = y.transpose(1, 2)  # (B, T, heads, head_dim)
         if self.attn_gate is not None:
             y = y * (2 * torch.sigmoid(self.attn_gate(x))).unsqueeze(-1)
         return self.c_proj(y.reshape(B, T, -1))
 
 
-def causal_attention(q, k, v, window=0):
+def causal_attention(q, k, v, window=0, docs=None):
     """q's Tq positions are the last of k's Tk; each attends to the keys at and before it, or with a
-    window, to the last `window` of those. (B, heads, Tq, head_dim) over (B, kv_heads, Tk, head_dim)."""
+    window, to the last `window` of those; with `docs` (B, Tk), each key's document number, only
+    to those of its own document. (B, heads, Tq, head_dim) over (B, kv_heads, Tk, head_dim)."""
     Tq, Tk = q.size(2), k.size(2)
     window = window if 0 < window < Tk else 0
-    if Tq == Tk and not window:
+    if Tq == Tk and not window and docs is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if window and q.device.type in FLEX_DEVICES and torch.compiler.is_compiling():  # a kernel that skips the masked blocks
+    if q.device.type in FLEX_DEVICES and torch.compiler.is_compiling():  # a kernel that skips the masked blocks
         from torch.nn.attention.flex_attention import flex_attention
-        return flex_attention(q, k, v, block_mask=sliding_window_blocks(Tq, Tk, window, q.device), enable_gqa=True)
+        return flex_attention(q, k, v, block_mask=attention_blocks(Tq, Tk, window, docs, q.device), enable_gqa=True)
     q_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
     k_pos = torch.arange(Tk, device=q.device)
     mask = (k_pos <= q_pos) & (k_pos > q_pos - window) if window else k_pos <= q_pos
+    if docs is not None:  # (B, 1, Tq, Tk)
+        mask = mask & (docs[:, None, Tk - Tq :, None] == docs[:, None, None, :])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-# Where sliding windows run through flex_attention when the model is compiled (its fused kernel
-# exists only under torch.compile); elsewhere, and eagerly, SDPA takes a dense band mask. Compile
+# Where sliding windows and document masks run through flex_attention when the model is compiled (its
+# fused kernel exists only under torch.compile); elsewhere, and eagerly, SDPA takes a dense mask. Compile
 # with dynamic=False, as the trainer does: torch 2.11's inductor fails to lower flex_attention at a
 # symbolic sequence length (seen on an H200).
 FLEX_DEVICES = {"cuda"}
 
 
-def sliding_window_blocks(Tq, Tk, window, device):
-    """flex_attention's block mask of the band: query i (at position Tk - Tq + i) sees keys j with
-    position - window < j <= position."""
+def attention_blocks(Tq, Tk, window, docs, device):
+    """flex_attention's block mask: query i (at position Tk - Tq + i) sees keys j <= position, with
+    a window (0: none) those with j > position - window, with docs (B, Tk) those of its document."""
     from torch.nn.attention.flex_attention import create_block_mask
     offset = Tk - Tq
 
     def keep(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx + offset) & (kv_idx > q_idx + offset - window)
+        seen = kv_idx <= q_idx + offset
+        if window:
+            seen = seen & (kv_idx > q_idx + offset - window)
+        if docs is not None:
+            seen = seen & (docs[b, q_idx + offset] == docs[b, kv_idx])
+        return seen
 
-    return create_block_mask(keep, None, None, Tq, Tk, device=device)
+    return create_block_mask(keep, None if docs is None else docs.size(0), None, Tq, Tk, device=device)
 
 
 class MLP(nn.Module):
@@ -204,8 +215,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, ve=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, ve)
+    def forward(self, x, cos, sin, kv_cache=None, ve=None, starts=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, ve, starts)
         return x + self.mlp(norm(x))
 
 
@@ -367,12 +378,14 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True):
         """Logits (float32, soft-capped) of every position, or of the last only; with targets, the
         loss. capped=False leaves out the soft cap, which keeps the logits' order: a sampler can cap
-        just the top k it keeps (see `sample`). A kv_cache has get_pos(), the position of idx's first token (an int shared by all
-        rows, or a tensor of one position per row when each row brings one token),
-        attend(layer, q, k, v), which stores the new keys and values and returns the attention of
-        the new queries over everything it holds; for a smear model, previous_tokens(idx): the
-        token before each row's first new one (None at the sequence's start); and for a key-offset
-        model, previous_key(layer, k): likewise the layer's key (before its offset) of that token."""
+        just the top k it keeps (see `sample`). A kv_cache has get_pos(), the position of idx's first
+        token (an int shared by all rows, or a tensor of one position per row when each row brings
+        one token); attend(layer, q, k, v, starts), which stores the new keys and values and returns
+        the attention of the new queries over everything it holds (starts (B, T): the new tokens
+        that begin a document, for a model with a doc_token, else None; no query may see an earlier
+        document); for a smear model, previous_tokens(idx): the token before each row's first new
+        one (None at the sequence's start); and for a key-offset model, previous_key(layer, k):
+        likewise the layer's key (before its offset) of that token."""
         T = idx.size(1)
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         dtype = self.compute_dtype
@@ -383,14 +396,15 @@ class GPT(nn.Module):
         else:
             cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
         cos, sin = cos.to(dtype), sin.to(dtype)
+        starts = idx == self.config.doc_token if self.config.doc_token >= 0 else None  # the tokens that begin a document
         x = x0 = self.embed(idx)
         if self.config.smear:
-            x = x0 = self.smear(x, idx, kv_cache)
+            x = x0 = self.smear(x, idx, kv_cache, starts)
         for i, block in enumerate(self.transformer.h):
             if self.config.residual_scalars:
                 x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, cos, sin, kv_cache, ve)
+            x = block(x, cos, sin, kv_cache, ve, starts)
         x = norm(x[:, -1:] if last_only else x)
         if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
                 and dtype == torch.float32):
@@ -413,15 +427,18 @@ class GPT(nn.Module):
         """The normed token embeddings, in the compute dtype."""
         return norm(self.transformer.wte(idx).to(self.compute_dtype))
 
-    def smear(self, x, idx, kv_cache):
+    def smear(self, x, idx, kv_cache, starts=None):
         """Add to each token's (normed) embedding a gated share of the previous token's. The first
-        token has none, unless a KV cache says which token came before idx (in decoding)."""
+        token has none, unless a KV cache says which token came before idx (in decoding), and
+        neither has a token that begins a document (`starts`)."""
         before = kv_cache.previous_tokens(idx) if kv_cache is not None else None
         if before is None:
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         else:
             prev = torch.cat([self.embed(before[:, None]), x[:, :-1]], dim=1)
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))
+        if starts is not None:
+            gate = gate * ~starts[..., None]
         return x + gate * prev
 
     @torch.inference_mode()

@@ -36,6 +36,7 @@ m.add_argument("--attn_scale", type=float, default=None, help="scale of the atte
 m.add_argument("--attn_gate", type=int, choices=[0, 1], default=None, help="a learned gate per head on attention's output")
 m.add_argument("--smear", type=int, choices=[0, 1], default=None, help="mix a gated share of the previous token's embedding into each token's")
 m.add_argument("--key_offset", type=int, choices=[0, 1], default=None, help="full-context layers' keys read half their dims a token back")
+m.add_argument("--doc_mask", type=int, choices=[0, 1], default=1, help="1 = attention, smear and key offset stay inside each document (BOS to BOS)")
 MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale", "attn_gate", "smear", "key_offset")
 parser.add_argument("--init_scale", type=float, default=1.0, help="initial std of the blocks' input matrices, times 1/sqrt(width)")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
@@ -102,6 +103,7 @@ def main():
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
     options = {k: type(RECIPE[k])(getattr(args, k)) for k in MODEL_OPTIONS if getattr(args, k) is not None}
+    options["doc_token"] = tokenizer.get_bos_token_id() if args.doc_mask else -1
     config = config_for_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.head_dim, **options)
     with torch.device("meta"):
         model = GPT(config)

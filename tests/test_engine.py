@@ -21,7 +21,8 @@ def tok():
     return RustBPETokenizer.train_from_iterator(iter([TEXT]), 300)
 
 
-@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4 / 64)], ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12, gates, smear, key offset"])
+@pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4 / 64)],
+                ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12, gates, smear, key offset, documents"])
 def model(tok, request):
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()
@@ -32,7 +33,7 @@ def model(tok, request):
             n_head, n_kv_head, window = request.param  # (a window on the first layer: shorter than most prompts)
             m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128,
                               window=window, attn_scale=0.12 if window else 0.0, attn_gate=bool(window), smear=bool(window),
-                              key_offset=bool(window)))
+                              key_offset=bool(window), doc_token=tok.get_bos_token_id() if window else -1))
     m.to_empty(device=DEVICE)
     m.init_weights()
     with torch.no_grad():
@@ -61,6 +62,17 @@ def test_greedy_engine_equals_cache_free_generate(model, tok, prompt):
     rows, _ = Engine(model, tok).generate_batch(ids, num_samples=3, max_tokens=20, temperature=0)
     for row in rows:  # every row of the batch, decoded with the cache, matches
         assert row[len(ids):] == reference(model, tok, ids, 20)
+
+
+def test_a_prompt_of_two_documents(model, tok):
+    """A prompt with a second <|bos|>: the engine decodes what the cache-free reference does, and a
+    model with documents answers as it does to the last document alone."""
+    last = tok.encode("dog", prepend="<|bos|>")
+    ids = tok.encode("The quick brown fox", prepend="<|bos|>") + last
+    rows, _ = Engine(model, tok).generate_batch(ids, num_samples=2, max_tokens=20, temperature=0)
+    assert all(row[len(ids):] == reference(model, tok, ids, 20) for row in rows)
+    alone = reference(model, tok, last, 20)
+    assert (rows[0][len(ids):] == alone) == (model.config.doc_token >= 0)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU: dev/gpu_check.sh runs this file there")
@@ -117,7 +129,7 @@ def test_rows_at_their_own_positions_match_the_full_forward(model, static):
     c = model.config
     prompts = [torch.randint(0, c.vocab_size, (n,)).tolist() for n in (3, 9, 6)]
     cache = KVCache(3, 2, 12, 10, model, static=static)  # room for 12 prompt tokens, 10 reply tokens
-    cache.start([len(p) for p in prompts])
+    cache.start(prompts)
     seqs = [p for p in prompts for _ in range(2)]
     with torch.inference_mode():
         logits = torch.cat([cache.prefill(model, p, i).expand(2, -1) for i, p in enumerate(prompts)])

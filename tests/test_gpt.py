@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import (GPT, GPTConfig, apply_rotary, causal_attention, config_for_depth, layer_window, norm,
-                          sliding_window_blocks)
+from nanochat.gpt import (GPT, GPTConfig, apply_rotary, attention_blocks, causal_attention, config_for_depth, layer_window,
+                          norm)
 from nanochat.optim import step_optimizers
 
 
@@ -86,15 +86,16 @@ def test_logits_are_cropped_and_ignored_targets_do_not_count():
 
 
 class TinyKVCache:
-    """The KV-cache protocol the model expects: get_pos(); attend(layer, q, k, v), which keeps
-    k and v and attends over all of them (or a windowed layer's last ones); previous_tokens(idx),
-    the token before idx's first (None at the start); previous_key(layer, k), likewise its key."""
+    """The KV-cache protocol the model expects: get_pos(); attend(layer, q, k, v, starts), which
+    keeps k and v and attends over all of them (or a windowed layer's last ones; of the query's
+    document, if starts marks where documents begin); previous_tokens(idx), the token before idx's
+    first (None at the start); previous_key(layer, k), likewise its key."""
 
     def __init__(self, config):
         n_layer = config.n_layer
         self.k, self.v, self.pos, self.n_layer = [None] * n_layer, [None] * n_layer, 0, n_layer
         self.windows = [layer_window(i, config) for i in range(n_layer)]
-        self.last, self.last_k = None, [None] * n_layer
+        self.last, self.last_k, self.starts = None, [None] * n_layer, None
 
     def get_pos(self):
         return self.pos
@@ -107,12 +108,15 @@ class TinyKVCache:
         before, self.last_k[layer] = self.last_k[layer], k[:, -1:]
         return before
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, starts=None):
         self.k[layer] = k if self.k[layer] is None else torch.cat([self.k[layer], k], dim=2)
         self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], dim=2)
+        if starts is not None and layer == 0:
+            self.starts = starts if self.starts is None else torch.cat([self.starts, starts], dim=1)
         if layer == self.n_layer - 1:
             self.pos += k.size(2)
-        return causal_attention(q, self.k[layer], self.v[layer], self.windows[layer])
+        docs = None if starts is None else self.starts.cumsum(1)
+        return causal_attention(q, self.k[layer], self.v[layer], self.windows[layer], docs)
 
 
 # Heads of 128 dims (the depth dial's), and narrower heads: 4 query heads sharing 2 or 1 key/value heads.
@@ -222,20 +226,22 @@ def test_attention_scale_scales_the_scores():
         assert not torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-3)
 
 
-def test_compiled_sliding_window_runs_flex_attention_on_the_band(monkeypatch):
-    """Under torch.compile (as training runs on GPUs) the window goes through flex_attention's block
-    mask; it computes what the dense band mask does (forward only: flex has no CPU backward)."""
+@pytest.mark.parametrize("window, documents", [(200, False), (200, True), (0, True)])
+def test_compiled_masks_run_flex_attention_on_the_kept_blocks(monkeypatch, window, documents):
+    """Under torch.compile (as training runs on GPUs) a window or documents go through flex_attention's
+    block mask; it computes what the dense mask does (forward only: flex has no CPU backward)."""
     import nanochat.gpt
 
     blocks = []
     monkeypatch.setattr(nanochat.gpt, "FLEX_DEVICES", {"cpu"})
-    monkeypatch.setattr(nanochat.gpt, "sliding_window_blocks", lambda *a: blocks.append(a) or sliding_window_blocks(*a))
+    monkeypatch.setattr(nanochat.gpt, "attention_blocks", lambda *a: blocks.append(a) or attention_blocks(*a))
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 300, 32), torch.randn(2, 2, 300, 32), torch.randn(2, 2, 300, 32)
+    docs = (torch.rand(2, 300) < 0.01).cumsum(1) if documents else None  # documents of ~100 tokens
     with torch.no_grad():
-        flex = torch.compile(causal_attention, fullgraph=True, dynamic=False)(q, k, v, 200)
-    assert blocks == [(300, 300, 200, q.device)]
-    assert torch.allclose(flex, causal_attention(q, k, v, 200), atol=1e-5)
+        flex = torch.compile(causal_attention, fullgraph=True, dynamic=False)(q, k, v, window, docs)
+    assert len(blocks) == 1
+    assert torch.allclose(flex, causal_attention(q, k, v, window, docs), atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention has no CPU backward: dev/gpu_check.sh runs this on CUDA")
@@ -268,6 +274,35 @@ def test_kv_cache_matches_full_forward(shape):
     cache = TinyKVCache(model.config)
     pieces = [model(x[:, :12], kv_cache=cache)]  # prefill, then a chunk, then one token at a time
     pieces.append(model(x[:, 12:15], kv_cache=cache))
+    pieces += [model(x[:, t : t + 1], kv_cache=cache) for t in range(15, 20)]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+DOC = 999  # the document token of the tests' models
+
+
+def test_documents_do_not_see_each_other():
+    """With a doc_token, a document's logits are what it gets alone: attention (windowed and full),
+    smear and the key offset do not reach across the token that begins it. Without one, they do."""
+    torch.manual_seed(0)
+    first, second = torch.randint(0, DOC, (2, 23)), torch.randint(0, DOC, (2, 30))
+    first[:, 0] = second[:, 0] = DOC
+    for doc_token in (DOC, -1):
+        model = make_live((4, 2), options={**RICH, "doc_token": doc_token})  # layer 0: a 16-token window
+        with torch.no_grad():
+            together = model(torch.cat([first, second], dim=1))
+            assert torch.allclose(together[:, :23], model(first), atol=1e-5)
+            assert torch.allclose(together[:, 23:], model(second), atol=1e-4) == (doc_token == DOC)
+
+
+def test_kv_cache_matches_full_forward_across_documents():
+    model = make_live((4, 2), options={**RICH, "doc_token": DOC})
+    x = torch.randint(0, DOC, (3, 20))
+    x[:, 0] = DOC
+    x[0, 5], x[1, 13], x[2, 17] = DOC, DOC, DOC  # a document begins in the prefill, the chunk, the one-token steps
+    full = model(x)
+    cache = TinyKVCache(model.config)
+    pieces = [model(x[:, :12], kv_cache=cache), model(x[:, 12:15], kv_cache=cache)]
     pieces += [model(x[:, t : t + 1], kv_cache=cache) for t in range(15, 20)]
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 

@@ -4,7 +4,7 @@ tokens, bf16), forward + backward, on one CUDA GPU:
 
 - SDPA with is_causal (FlashAttention): the full-context layers' kernel, the reference;
 - flex_attention on the same causal mask: what flex costs where flash could run;
-- flex_attention on the band of the windowed layers (gpt.sliding_window_blocks: three layers in
+- flex_attention on the band of the windowed layers (gpt.attention_blocks: three layers in
   four), with its default kernel, with each of a few kernel_options, and autotuned
   (mode="max-autotune-no-cudagraphs"; inductor logs the configurations it tried, with their times).
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nanochat.common import make_parser  # noqa: E402
-from nanochat.gpt import RECIPE, sliding_window_blocks  # noqa: E402
+from nanochat.gpt import RECIPE, attention_blocks  # noqa: E402
 
 # kernel_options worth a row: BLOCKS_ARE_CONTIGUOUS holds for a band (each query block's key blocks
 # are one run); PRESCALE_QK folds the score scale into q (a little less exact); USE_TMA is Hopper's
@@ -77,8 +77,8 @@ def main():
     window = max(1, round(args.window * T))
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    causal_mask = sliding_window_blocks(T, T, T + 1, "cuda")  # a window past the start is plain causal
-    band = sliding_window_blocks(T, T, window, "cuda")
+    causal_mask = attention_blocks(T, T, 0, None, "cuda")
+    band = attention_blocks(T, T, window, None, "cuda")
     rows = [("sdpa causal (flash)", 0, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
             ("flex causal", 0, flex(causal_mask)),
             (f"flex band {window}", window, flex(band))]
