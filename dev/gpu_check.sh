@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every stage of the pipeline on a CUDA machine, small, in under 8 minutes on one H100/H200
 # (compilation included): the engine's exactness tests on the GPU (CUDA graphs), data, tokenizer,
-# base training (a d12 model, compiled, bf16, batch size
-# found automatically; again with --fp8 where the GPU has float8 matmuls, and without sliding windows), base loss, CORE, midtraining, all six chat evals, SFT, two RL steps,
-# chat_cli and one streamed chat_web answer. With several GPUs every stage runs on all of them.
+# base training (a d12 model, compiled, bf16, batch size found automatically; again with --fp8
+# where the GPU has float8 matmuls, without sliding windows, and with document masks), base
+# loss, CORE, midtraining, all six chat evals, SFT, two RL steps, chat_cli and one streamed
+# chat_web answer. With several GPUs every stage runs on all of them.
 #
 #   bash dev/gpu_check.sh           # prints a table: stage, ok/failed, seconds, its key number
 #
@@ -94,10 +95,10 @@ EOF
 
 echo "gpu check: $NPROC process(es), artifacts in $NANOCHAT_BASE_DIR"
 TEST_DEVICE=$([ "${GPU_CHECK_ON_CPU:-0}" = 1 ] && echo cpu || echo cuda)
-# The engine's tests through CUDA graphs, and flex_attention's backward (the windows' training path).
+# The engine's tests through CUDA graphs, and flex_attention's backward (the windows' and documents' training path).
 check engine '[0-9]+ passed' env NANOCHAT_TEST_DEVICE="$TEST_DEVICE" NANOCHAT_DTYPE=float32 \
     python -m pytest -q -p no:cacheprovider tests/test_engine.py \
-    tests/test_gpt.py::test_flex_attention_backward_matches_the_dense_band_on_cuda
+    tests/test_gpt.py::test_flex_attention_backward_matches_the_dense_mask_on_cuda
 check data '[0-9]+ fetched' python -m nanochat.dataset -n "$NUM_SHARDS"
 check tokenizer 'trained on [0-9,]+ characters' python -m scripts.tok_train --max_chars="$TOK_CHARS" --vocab_size="$VOCAB"
 BASE=(--depth="$DEPTH" --max_seq_len="$SEQ_LEN" --total_batch_size="$TOTAL_BATCH" --num_iterations="$BASE_STEPS"
@@ -114,6 +115,9 @@ fi
 # And without the sliding windows (flex_attention, compiled, in the line above), for their speed-up.
 check base-nowindow "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]}" --window=0 --dry_run=1 \
     --model_tag=gpucheck-nowindow
+# And with document masks (the full-context layers then run flex, not flash attention), for their cost.
+check base-docmask "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]}" --doc_mask=1 --dry_run=1 \
+    --model_tag=gpucheck-docmask
 check base-loss 'val bpb: [0-9.]+' "${RUN[@]}" -m scripts.base_loss -- "${TAG[@]}" --split_tokens="$TOTAL_BATCH" \
     --device_batch_size=8
 check base-eval 'CORE +[-0-9.]+' "${RUN[@]}" -m scripts.base_eval -- "${TAG[@]}" --max_per_task="$EVAL_ITEMS"

@@ -246,14 +246,16 @@ def test_compiled_masks_run_flex_attention_on_the_kept_blocks(monkeypatch, windo
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention has no CPU backward: dev/gpu_check.sh runs this on CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_attention_backward_matches_the_dense_band_on_cuda(dtype):
+@pytest.mark.parametrize("window, documents", [(256, False), (256, True), (0, True)])
+def test_flex_attention_backward_matches_the_dense_mask_on_cuda(dtype, window, documents):
     """Training's path on GPUs: the compiled flex kernel's gradients equal the eager dense mask's."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, h, 1024, 64, device="cuda", dtype=dtype, requires_grad=True) for h in (4, 2, 2))
     grad = torch.randn(2, 4, 1024, 64, device="cuda", dtype=dtype)
+    docs = (torch.rand(2, 1024, device="cuda") < 0.003).cumsum(1) if documents else None  # documents of ~300 tokens
     results = []
     for attend in (torch.compile(causal_attention, fullgraph=True, dynamic=False), causal_attention):
-        out = attend(q, k, v, 256)
+        out = attend(q, k, v, window, docs)
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
     tol = 2e-3 if dtype == torch.float32 else 5e-2  # (flex may run float32 in TF32)
     for flex, dense in zip(*results):
