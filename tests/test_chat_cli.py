@@ -114,6 +114,7 @@ class Terminal:
     def __init__(self, *args):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: its controlling terminal is the pty, so ^C is SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a shell starts it (an ignored SIGINT would survive exec)
             os.chdir(REPO)
             os.execvp(sys.executable, [sys.executable, "-m", "scripts.chat_cli", *args])
         self.output = ""
