@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from nanochat.gpt import causal_attention, layer_window, sample
+from nanochat.gpt import CANON_WIDTH, canon_tail, causal_attention, layer_window, sample
 
 logger = logging.getLogger(__name__)
 MAX_FORCED_TOKENS = 64  # room for one tool output in a row (a longer result is refused)
@@ -63,6 +63,7 @@ class KVCache:
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self.last = torch.zeros(rows, dtype=torch.long, device=device)  # each row's latest token (a smear model reads it)
         self.last_k = torch.zeros(c.n_layer, rows, 1, c.n_kv_head, head_dim, device=device, dtype=dtype)  # and its keys (key offset)
+        self.last_h = torch.zeros(c.n_layer, 2, rows, CANON_WIDTH - 1, c.n_embd, device=device, dtype=dtype) if c.canon else None
         self.t = torch.zeros(1, dtype=torch.long, device=device)  # the step, on the device (graph replays advance it)
         self.steps = 0  # the same, on the host (eager calls advance it)
         self.slots = torch.arange(budget, device=device)
@@ -102,6 +103,12 @@ class KVCache:
         """The layer's key of the token before each row's new one; the new one's becomes the latest."""
         before = self.last_k[layer].clone()
         self.last_k[layer].copy_(k)
+        return before
+
+    def previous_inputs(self, layer, which, h, starts=None):
+        """A Canon layer's inputs of the tokens before each row's new one; the new one's joins them."""
+        before = self.last_h[layer, which].clone()
+        self.last_h[layer, which].copy_(torch.cat([before[:, 1:], h], dim=1))
         return before
 
     def attend(self, layer, q, k, v, starts=None):
@@ -148,6 +155,12 @@ class _PromptView:
         """Likewise for a layer's keys."""
         group = self.cache.group
         self.cache.last_k[layer, self.index * group : (self.index + 1) * group] = k[0, -1]
+        return None
+
+    def previous_inputs(self, layer, which, h, starts=None):
+        """Likewise for a Canon layer's inputs (those of the prompt's last document)."""
+        group = self.cache.group
+        self.cache.last_h[layer, which, self.index * group : (self.index + 1) * group] = canon_tail(h, starts)[0]
         return None
 
     def attend(self, layer, q, k, v, starts=None):

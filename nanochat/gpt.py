@@ -40,11 +40,12 @@ class GPTConfig:
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
     key_offset: bool = False  # the full-context layers' keys take their slow rotary dims from the previous position
+    canon: bool = False  # Canon layers: attention's and the MLP's inputs mix in the 3 positions before (a causal depthwise conv)
     doc_token: int = -1  # the token that begins every document (BOS): attention, smear and key offset stay inside one (-1: none)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
-              attn_gate=True, smear=True, key_offset=True)  # dev/bench/recipe.py
+              attn_gate=True, smear=True, key_offset=True, canon=False)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, head_dim=128, **overrides):
@@ -59,6 +60,39 @@ def config_for_depth(depth, vocab_size, sequence_len, head_dim=128, **overrides)
 def has_value_embed(layer_idx, n_layer):
     """Value embeddings go to every other layer, counting back from the last."""
     return (n_layer - 1 - layer_idx) % 2 == 0
+
+
+CANON_WIDTH = 4  # the positions a Canon layer mixes: the token's own and the 3 before it
+
+
+def canon_conv(h, weight, before=None, starts=None):
+    """A Canon layer (Allen-Zhu 2025, "Physics of Language Models: Part 4.1"): h (B, T, C) plus a
+    causal depthwise convolution of h, weight (CANON_WIDTH, C), row i for the position i back; zero
+    at init. `before` (B, CANON_WIDTH - 1, C) holds the inputs before h's first position (decoding;
+    none of an earlier document), else there are none. With starts (B, T), the tokens that begin a
+    document, no position mixes in one of an earlier document."""
+    T, back = h.size(1), weight.size(0) - 1
+    seq = torch.cat([h.new_zeros(h.size(0), back, h.size(2)) if before is None else before, h], dim=1)
+    docs = None if starts is None else F.pad(starts.cumsum(1), (back, 0))  # `before` is the first position's document
+    out = h
+    for i in range(back + 1):
+        term = seq[:, back - i : back - i + T]
+        if docs is not None and i:
+            term = term * (docs[:, back - i : back - i + T] == docs[:, back:]).unsqueeze(-1)
+        out = out + weight[i] * term
+    return out
+
+
+def canon_tail(h, starts=None):
+    """The inputs a Canon layer keeps for the next position: h's last CANON_WIDTH - 1 (zeros before
+    its start and, with starts, before its last document begins); h (B, T, C), or already a tail
+    followed by new positions."""
+    back = CANON_WIDTH - 1
+    tail = F.pad(h, (0, 0, back, 0))[:, -back:]
+    if starts is not None:
+        docs = F.pad(starts.cumsum(1), (back, 0))[:, -back:]
+        tail = tail * (docs == docs[:, -1:]).unsqueeze(-1)
+    return tail
 
 
 def layer_window(layer_idx, config):
@@ -214,10 +248,18 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
+        self.layer_idx = layer_idx
 
-    def forward(self, x, cos, sin, kv_cache=None, ve=None, starts=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, ve, starts)
-        return x + self.mlp(norm(x))
+    def forward(self, x, cos, sin, kv_cache=None, ve=None, starts=None, canon=None):
+        x = x + self.attn(self.canon(norm(x), canon, 0, kv_cache, starts), cos, sin, kv_cache, ve, starts)
+        return x + self.mlp(self.canon(norm(x), canon, 1, kv_cache, starts))
+
+    def canon(self, h, weights, which, kv_cache, starts):
+        """The Canon layer on attention's input (which = 0) or the MLP's (1), if the model has them."""
+        if weights is None:
+            return h
+        before = kv_cache.previous_inputs(self.layer_idx, which, h, starts) if kv_cache is not None else None
+        return canon_conv(h, weights[which], before, starts)
 
 
 class _ChunkedSoftcapCrossEntropy(torch.autograd.Function):
@@ -286,6 +328,8 @@ class GPT(nn.Module):
         if config.residual_scalars:  # block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the embedding)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.canon:  # (layer, attention's or the MLP's, position back, channel); AdamW at scalar_lr
+            self.canon_weights = nn.Parameter(torch.zeros(config.n_layer, 2, CANON_WIDTH, config.n_embd))
         # Rotary tables for 10x the training length, so generation can run past it.
         self.rotary_len = config.sequence_len * 10
         cos, sin = self._rotary_tables(self.rotary_len)
@@ -324,6 +368,8 @@ class GPT(nn.Module):
         if self.config.residual_scalars:
             self.resid_lambdas.fill_(1.0)
             self.x0_lambdas.fill_(0.1)
+        if self.config.canon:  # zero: every Canon layer starts as the identity
+            self.canon_weights.zero_()
         self.cos, self.sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
         self.compute_dtype = compute_dtype(self.lm_head.weight.device)
 
@@ -343,7 +389,8 @@ class GPT(nn.Module):
     def scalars(self):
         """The small parameters outside the blocks, trained by AdamW at scalar_lr."""
         return (([self.resid_lambdas, self.x0_lambdas] if self.config.residual_scalars else [])
-                + ([self.smear_lambda, self.smear_gate.weight] if self.config.smear else []))
+                + ([self.smear_lambda, self.smear_gate.weight] if self.config.smear else [])
+                + ([self.canon_weights] if self.config.canon else []))
 
     def estimate_flops(self):
         """FLOPs per token of a training step: 6 per matmul weight (forward + backward) plus the
@@ -384,8 +431,10 @@ class GPT(nn.Module):
         the attention of the new queries over everything it holds (starts (B, T): the new tokens
         that begin a document, for a model with a doc_token, else None; no query may see an earlier
         document); for a smear model, previous_tokens(idx): the token before each row's first new
-        one (None at the sequence's start); and for a key-offset model, previous_key(layer, k):
-        likewise the layer's key (before its offset) of that token."""
+        one (None at the sequence's start); for a key-offset model, previous_key(layer, k):
+        likewise the layer's key (before its offset) of that token; and for a Canon model,
+        previous_inputs(layer, which, h, starts): the Canon layer's inputs of the CANON_WIDTH - 1
+        tokens before (zeros for those of an earlier document; None at the start)."""
         T = idx.size(1)
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         dtype = self.compute_dtype
@@ -404,7 +453,8 @@ class GPT(nn.Module):
             if self.config.residual_scalars:
                 x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, cos, sin, kv_cache, ve, starts)
+            canon = self.canon_weights[i].to(dtype) if self.config.canon else None
+            x = block(x, cos, sin, kv_cache, ve, starts, canon)
         x = norm(x[:, -1:] if last_only else x)
         if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
                 and dtype == torch.float32):

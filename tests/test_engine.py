@@ -22,7 +22,7 @@ def tok():
 
 
 @pytest.fixture(scope="module", params=[None, (4, 2, 0), (4, 2, 4 / 64)],
-                ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12, gates, smear, key offset, documents"])
+                ids=["1 head", "GQA 4/2", "GQA, 4-token window, scale 0.12, gates, smear, key offset, Canon, documents"])
 def model(tok, request):
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()
@@ -33,7 +33,7 @@ def model(tok, request):
             n_head, n_kv_head, window = request.param  # (a window on the first layer: shorter than most prompts)
             m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128,
                               window=window, attn_scale=0.12 if window else 0.0, attn_gate=bool(window), smear=bool(window),
-                              key_offset=bool(window), doc_token=tok.get_bos_token_id() if window else -1))
+                              key_offset=bool(window), canon=bool(window), doc_token=tok.get_bos_token_id() if window else -1))
     m.to_empty(device=DEVICE)
     m.init_weights()
     with torch.no_grad():
@@ -46,6 +46,8 @@ def model(tok, request):
         if m.config.smear:  # each token's input part its predecessor's
             m.smear_lambda.fill_(0.5)
             m.smear_gate.weight.normal_(std=0.1)
+        if m.config.canon:
+            m.canon_weights.normal_(std=0.3)
     return m.eval()
 
 
@@ -64,10 +66,11 @@ def test_greedy_engine_equals_cache_free_generate(model, tok, prompt):
         assert row[len(ids):] == reference(model, tok, ids, 20)
 
 
-def test_a_prompt_of_two_documents(model, tok):
+@pytest.mark.parametrize("second", ["dog", "A"])  # "A": shorter than a Canon layer's reach back
+def test_a_prompt_of_two_documents(model, tok, second):
     """A prompt with a second <|bos|>: the engine decodes what the cache-free reference does, and a
     model with documents answers as it does to the last document alone."""
-    last = tok.encode("dog", prepend="<|bos|>")
+    last = tok.encode(second, prepend="<|bos|>")
     ids = tok.encode("The quick brown fox", prepend="<|bos|>") + last
     rows, _ = Engine(model, tok).generate_batch(ids, num_samples=2, max_tokens=20, temperature=0)
     assert all(row[len(ids):] == reference(model, tok, ids, 20) for row in rows)

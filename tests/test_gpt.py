@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nanochat.gpt import (GPT, GPTConfig, apply_rotary, attention_blocks, causal_attention, config_for_depth, layer_window,
-                          norm)
+from nanochat.gpt import (GPT, GPTConfig, apply_rotary, attention_blocks, canon_conv, canon_tail, causal_attention,
+                          config_for_depth, layer_window, norm)
 from nanochat.optim import step_optimizers
 
 
@@ -19,8 +20,8 @@ def make(depth, vocab=1000, seq=64, seed=0, **options):
     return model
 
 
-PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False, smear=False, key_offset=False)
-RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, key_offset=True)
+PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False, smear=False, key_offset=False, canon=False)
+RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, key_offset=True, canon=True)
 
 
 @pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "every option"])
@@ -35,6 +36,7 @@ def test_parameter_count_and_flops_closed_form(depth, options, head_dim):
     gates += depth * C * model.config.n_head if options.get("attn_gate") else 0  # attention's: all channels, one per head
     scalars = 2 * depth if options["residual_scalars"] else 0
     scalars += min(32, C) + 1 if options.get("smear") else 0  # the smear's gate (32 channels) and its lambda
+    scalars += depth * 2 * 4 * C if options.get("canon") else 0  # two Canon layers a block, 4 positions x C channels
     assert model.num_params() == 12 * depth * C * C + 2 * padded * C + n_ve * padded * C + gates + scalars
     short = sum(1 for i in range(depth - 1) if i % 4 != 3) if options["window"] else 0  # windowed layers: 3 in 4, not the last
     keys = short * seq // 4 + (depth - short) * seq  # the keys each layer's attention reads
@@ -95,7 +97,7 @@ class TinyKVCache:
         n_layer = config.n_layer
         self.k, self.v, self.pos, self.n_layer = [None] * n_layer, [None] * n_layer, 0, n_layer
         self.windows = [layer_window(i, config) for i in range(n_layer)]
-        self.last, self.last_k, self.starts = None, [None] * n_layer, None
+        self.last, self.last_k, self.starts, self.last_h = None, [None] * n_layer, None, {}
 
     def get_pos(self):
         return self.pos
@@ -106,6 +108,13 @@ class TinyKVCache:
 
     def previous_key(self, layer, k):
         before, self.last_k[layer] = self.last_k[layer], k[:, -1:]
+        return before
+
+    def previous_inputs(self, layer, which, h, starts=None):
+        before = self.last_h.get((layer, which))
+        seq = h if before is None else torch.cat([before, h], dim=1)
+        seq_starts = None if starts is None else F.pad(starts, (seq.size(1) - h.size(1), 0))
+        self.last_h[layer, which] = canon_tail(seq, seq_starts)
         return before
 
     def attend(self, layer, q, k, v, starts=None):
@@ -141,6 +150,8 @@ def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
         if model.config.smear:
             model.smear_lambda.fill_(0.5)
             model.smear_gate.weight.normal_()
+        if model.config.canon:
+            model.canon_weights.normal_(std=0.3)
     return model.eval()
 
 
@@ -363,18 +374,44 @@ def test_smear_against_a_hand_written_embedding():
         assert not torch.allclose(model(idx), make_live(None, options=dict(value_embeds=False, smear=False))(idx), atol=1e-3)
 
 
+def test_canon_layer_against_a_hand_written_convolution():
+    """Position t's output is h_t + sum over i = 0..3 of w_i * h_(t-i), where positions before the
+    sequence come from `before` (decoding) or are absent, and none is of an earlier document; the
+    tail kept for the next position is the last 3 inputs of the current document."""
+    torch.manual_seed(0)
+    B, T, C = 2, 9, 8
+    h, w, before = torch.randn(B, T, C), torch.randn(4, C), torch.randn(B, 3, C)
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[0, 4] = starts[0, 7] = starts[1, 0] = True  # row 1's first token begins a document: `before` is another
+    for prev, doc_starts in [(None, None), (before, None), (before, starts)]:
+        seq = h if prev is None else torch.cat([prev, h], dim=1)
+        offset = seq.size(1) - T
+        reference = h.clone()
+        for b in range(B):
+            for t in range(T):
+                for i in range(4):
+                    crosses = doc_starts is not None and bool(doc_starts[b, max(t - i + 1, 0) : t + 1].any())
+                    if offset + t - i >= 0 and not crosses:
+                        reference[b, t] += w[i] * seq[b, offset + t - i]
+        assert torch.allclose(canon_conv(h, w, prev, doc_starts), reference, atol=1e-6)
+    tail = canon_tail(h, starts)
+    assert torch.equal(tail[0, 0], torch.zeros(C)) and torch.equal(tail[0, 1:], h[0, 7:])  # position 6 is the document before
+    assert torch.equal(tail[1], h[1, 6:]) and torch.equal(canon_tail(h[:, :2])[:, 0], torch.zeros(B, C))
+
+
 def test_neutral_options_compute_the_plain_model():
-    """Value embeddings of zero, residual weights of 1 and input-skip weights of 0 change nothing:
-    the options add to the model, they do not disturb what was there."""
+    """Value embeddings of zero, residual weights of 1, input-skip and Canon weights of 0 change
+    nothing: the options add to the model, they do not disturb what was there."""
     plain, rich = make_live(None, options=PLAIN), make_live(None, options={**RICH, "window": 0.0, "key_offset": False})
     missing = rich.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["resid_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.attn_gate.weight",
+    assert sorted(missing) == ["canon_weights", "resid_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.attn_gate.weight",
                                "transformer.h.1.attn.attn_gate.weight", "transformer.h.1.attn.ve_gate.weight",
                                "value_embeds.1.weight", "x0_lambdas"]
     with torch.no_grad():
         rich.value_embeds["1"].weight.zero_()
         rich.x0_lambdas.zero_()
         rich.smear_lambda.zero_()
+        rich.canon_weights.zero_()
         for block in rich.transformer.h:
             block.attn.attn_gate.weight.zero_()  # gates of 1
     idx = torch.randint(0, 1000, (2, 16))

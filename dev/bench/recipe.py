@@ -34,7 +34,8 @@ BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0",
             "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
-            "--smear=0", "--key_offset=0", "--head_dim=128", "--packing=bestfit", "--doc_mask=0"]
+            "--smear=0", "--key_offset=0", "--head_dim=128", "--packing=bestfit", "--doc_mask=0",
+            "--canon=0"]
 # The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
 # same way: the fifth round's changes are measured against it.
 VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
@@ -126,6 +127,9 @@ CONFIGS = {
     # the twelfth round's recipe (its rows copied from the loader patch's, screen_fifo_start)
     "round12": ROUND12,
     "r12_doc_mask": ROUND12 + ["--doc_mask=1"],  # attention, smear and key offset stay inside documents
+    "r12_canon": ROUND12 + ["--canon=1"],  # a causal depthwise conv over 4 positions before attention and the MLP
+    "r12_window_0.0625": ROUND12 + ["--window=0.0625"],
+    "r12_residual_scalars": ROUND12 + ["--residual_scalars=1"],  # +0.005 on the first round's baseline
 }
 
 
