@@ -37,7 +37,7 @@ m.add_argument("--attn_gate", type=int, choices=[0, 1], default=None, help="a le
 m.add_argument("--smear", type=int, choices=[0, 1], default=None, help="mix a gated share of the previous token's embedding into each token's")
 m.add_argument("--key_offset", type=int, choices=[0, 1], default=None, help="full-context layers' keys read half their dims a token back")
 m.add_argument("--canon", type=int, choices=[0, 1], default=None, help="Canon layers: a causal depthwise conv of width 4 on attention's and the MLP's inputs")
-m.add_argument("--doc_mask", type=int, choices=[0, 1], default=0, help="1 = attention, smear and key offset stay inside each document (BOS to BOS)")
+m.add_argument("--doc_mask", type=int, choices=[0, 1], default=0, help="1 = attention, smear, key offset and Canon layers stay inside each document (BOS to BOS)")
 MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale", "attn_gate", "smear", "key_offset", "canon")
 parser.add_argument("--init_scale", type=float, default=1.0, help="initial std of the blocks' input matrices, times 1/sqrt(width)")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
