@@ -63,7 +63,8 @@ class KVCache:
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self.last = torch.zeros(rows, dtype=torch.long, device=device)  # each row's latest token (a smear model reads it)
         self.last_k = torch.zeros(c.n_layer, rows, 1, c.n_kv_head, head_dim, device=device, dtype=dtype)  # and its keys (key offset)
-        self.last_h = torch.zeros(c.n_layer, 2, rows, CANON_WIDTH - 1, c.n_embd, device=device, dtype=dtype) if c.canon else None
+        canon_shape = (c.n_layer, 2, rows, CANON_WIDTH - 1, c.n_embd)  # and its Canon layers' last inputs
+        self.last_h = torch.zeros(canon_shape, device=device, dtype=dtype) if c.canon else None
         self.t = torch.zeros(1, dtype=torch.long, device=device)  # the step, on the device (graph replays advance it)
         self.steps = 0  # the same, on the host (eager calls advance it)
         self.slots = torch.arange(budget, device=device)

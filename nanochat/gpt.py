@@ -41,7 +41,7 @@ class GPTConfig:
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
     key_offset: bool = False  # the full-context layers' keys take their slow rotary dims from the previous position
     canon: bool = False  # Canon layers: attention's and the MLP's inputs mix in the 3 positions before (a causal depthwise conv)
-    doc_token: int = -1  # the token that begins every document (BOS): attention, smear, key offset and Canon stay inside one (-1: none)
+    doc_token: int = -1  # BOS, which begins a document: attention, smear, key offset and Canon stay inside one (-1: none)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,

@@ -296,7 +296,8 @@ DOC = 999  # the document token of the tests' models
 
 def test_documents_do_not_see_each_other():
     """With a doc_token, a document's logits are what it gets alone: attention (windowed and full),
-    smear, the key offset and Canon layers do not reach across the token that begins it. Without one, they do."""
+    smear, the key offset and Canon layers do not reach across the token that begins it. Without
+    one, they do."""
     torch.manual_seed(0)
     first, second = torch.randint(0, DOC, (2, 23)), torch.randint(0, DOC, (2, 30))
     first[:, 0] = second[:, 0] = DOC
