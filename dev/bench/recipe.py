@@ -128,8 +128,6 @@ CONFIGS = {
     "round12": ROUND12,
     "r12_doc_mask": ROUND12 + ["--doc_mask=1"],  # attention, smear and key offset stay inside documents
     "r12_canon": ROUND12 + ["--canon=1"],  # a causal depthwise conv over 4 positions before attention and the MLP
-    "r12_window_0.0625": ROUND12 + ["--window=0.0625"],
-    "r12_residual_scalars": ROUND12 + ["--residual_scalars=1"],  # +0.005 on the first round's baseline
 }
 
 
