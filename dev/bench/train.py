@@ -11,6 +11,7 @@ machines (bf16 Newton–Schulz and embeddings on a CPU that runs bf16 ~150x slow
     python dev/bench/train.py [--depths 4 8] [--compile] [--steps 5]   # needs a trained tokenizer for the loader
     python dev/bench/train.py --depths 20 --compile --fp8 --vocab 65536 --seq_len 2048 --batch 32   # one GPU
     python dev/bench/train.py --depths 4 --off key_offset smear   # also each of these recipe options off: its cost
+    python dev/bench/train.py --depths 4 --on canon   # also each of these options (off in the recipe) on
 """
 
 import os
@@ -45,10 +46,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_throughput(depth, device, compile_model, steps, vocab=8192, T=512, B=8, fp8=False, off=None):
+def train_throughput(depth, device, compile_model, steps, vocab=8192, T=512, B=8, fp8=False, options=None):
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = GPT(config_for_depth(depth, vocab, T, **({off: type(RECIPE[off])(0)} if off else {})))
+        model = GPT(config_for_depth(depth, vocab, T, **(options or {})))
     model.to_empty(device=device)
     model.init_weights()
     if fp8:
@@ -104,6 +105,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (d20 on a GPU: --vocab 65536 --seq_len 2048 --batch 32)")
     parser.add_argument("--off", nargs="*", default=[], choices=[k for k, v in RECIPE.items() if v and isinstance(v, bool)] + ["window"],
                         help="recipe options to also measure turned off (window: full attention), one at a time")
+    parser.add_argument("--on", nargs="*", default=[], choices=[k for k, v in RECIPE.items() if v is False],
+                        help="options the recipe leaves off to also measure turned on, one at a time")
     args = parser.parse_args()
     device = torch.device(args.device_type or autodetect_device_type())
     peak = peak_flops(device)
@@ -113,14 +116,16 @@ def main():
     print("| depth | mode | tokens/s | achieved GFLOP/s | MFU | vs original nanochat |")
     print("|---|---|---|---|---|---|")
     for depth in args.depths:
-        modes = [(False, False, None)] + [(True, False, None)] * args.compile + [(args.compile, True, None)] * args.fp8
-        modes += [(args.compile, False, off) for off in args.off]
-        for compiled, fp8, off in modes:
-            tps, flops_per_token = train_throughput(depth, device, compiled, args.steps, args.vocab, args.seq_len, args.batch, fp8, off)
+        modes = [(False, False, None, "")] + [(True, False, None, "")] * args.compile + [(args.compile, True, None, "")] * args.fp8
+        modes += [(args.compile, False, {off: type(RECIPE[off])(0)}, f", {off} off") for off in args.off]
+        modes += [(args.compile, False, {on: True}, f", {on} on") for on in args.on]
+        for compiled, fp8, options, label in modes:
+            tps, flops_per_token = train_throughput(depth, device, compiled, args.steps, args.vocab, args.seq_len, args.batch,
+                                                    fp8, options)
             achieved = tps * flops_per_token
             reference_config = (args.vocab, args.seq_len, args.batch) == (8192, 512, 8)
             ref = REFERENCE_TOKENS_PER_SEC.get(depth) if device.type == "cpu" and reference_config else None
-            mode = ("compiled" if compiled else "eager") + (" fp8" if fp8 else "") + (f", {off} off" if off else "")
+            mode = ("compiled" if compiled else "eager") + (" fp8" if fp8 else "") + label
             print(f"| {depth} | {mode} | {tps:,.0f} | {achieved / 1e9:.1f} | "
                   f"{100 * achieved / (peak or measured):.1f}% | {f'{tps / ref:.2f}x' if ref else '-'} |")
     print("\n| data loader (1 rank, B=8, steady state) | tokens/s out | cropped (of tokens tokenized) |")
