@@ -40,12 +40,13 @@ class GPTConfig:
     attn_gate: bool = False  # a learned gate per head on attention's output, read from the block's input
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
     key_offset: bool = False  # the full-context layers' keys take their slow rotary dims from the previous position
+    tie_embedding: bool = False  # the lm_head's rows are the token embedding too (no separate table)
     canon: bool = False  # Canon layers: attention's and the MLP's inputs mix in the 3 positions before (a causal depthwise conv)
     doc_token: int = -1  # BOS, which begins a document: attention, smear, key offset and Canon stay inside one (-1: none)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
-              attn_gate=True, smear=True, key_offset=True, canon=False)  # dev/bench/recipe.py
+              attn_gate=True, smear=True, key_offset=True, canon=False, tie_embedding=False)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, head_dim=128, **overrides):
@@ -314,10 +315,8 @@ class GPT(nn.Module):
         self.config = config
         # Pad the vocab to a multiple of 64 for efficient matmuls; the extra logits are cropped.
         self.padded_vocab = -(-config.vocab_size // 64) * 64
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab, config.n_embd),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        })
+        token = {} if config.tie_embedding else {"wte": nn.Embedding(self.padded_vocab, config.n_embd)}
+        self.transformer = nn.ModuleDict({**token, "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)])})
         self.lm_head = Linear(config.n_embd, self.padded_vocab)
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in range(config.n_layer)
@@ -349,7 +348,8 @@ class GPT(nn.Module):
         """Fill every parameter (the model may have been built on the meta device) and settle, now
         that the device is known, the rotary tables and the compute dtype. `scale` multiplies the
         standard deviation of the blocks' input matrices and value tables (1/sqrt(fan_in) at 1)."""
-        nn.init.normal_(self.transformer.wte.weight, std=1.0)
+        if not self.config.tie_embedding:  # (its rows are normed where they are read: the scale is the LR's)
+            nn.init.normal_(self.transformer.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         bound = scale * math.sqrt(3.0 / self.config.n_embd)  # uniform with variance scale^2/fan_in
         for block in self.transformer.h:
@@ -383,8 +383,9 @@ class GPT(nn.Module):
                 linear.fp8 = True
 
     def embeddings(self):
-        """The lookup tables: the token embedding and any value embeddings."""
-        return [self.transformer.wte.weight] + [table.weight for table in self.value_embeds.values()]
+        """The lookup tables: the token embedding (unless the lm_head's rows are it) and any value embeddings."""
+        token = [] if self.config.tie_embedding else [self.transformer.wte.weight]
+        return token + [table.weight for table in self.value_embeds.values()]
 
     def scalars(self):
         """The small parameters outside the blocks, trained by AdamW at scalar_lr."""
@@ -475,7 +476,8 @@ class GPT(nn.Module):
 
     def embed(self, idx):
         """The normed token embeddings, in the compute dtype."""
-        return norm(self.transformer.wte(idx).to(self.compute_dtype))
+        table = self.lm_head.weight if self.config.tie_embedding else self.transformer.wte.weight
+        return norm(F.embedding(idx, table).to(self.compute_dtype))
 
     def smear(self, x, idx, kv_cache, starts=None):
         """Add to each token's (normed) embedding a gated share of the previous token's. The first

@@ -24,7 +24,7 @@ PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=F
 RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, key_offset=True, canon=True)
 
 
-@pytest.mark.parametrize("options", [PLAIN, RICH], ids=["plain", "every option"])
+@pytest.mark.parametrize("options", [PLAIN, RICH, {**RICH, "tie_embedding": True}], ids=["plain", "every option", "tied"])
 @pytest.mark.parametrize("depth", [1, 2, 4, 6])
 @pytest.mark.parametrize("head_dim", [128, 64])
 def test_parameter_count_and_flops_closed_form(depth, options, head_dim):
@@ -37,7 +37,8 @@ def test_parameter_count_and_flops_closed_form(depth, options, head_dim):
     scalars = 2 * depth if options["residual_scalars"] else 0
     scalars += min(32, C) + 1 if options.get("smear") else 0  # the smear's gate (32 channels) and its lambda
     scalars += depth * 2 * 4 * C if options.get("canon") else 0  # two Canon layers a block, 4 positions x C channels
-    assert model.num_params() == 12 * depth * C * C + 2 * padded * C + n_ve * padded * C + gates + scalars
+    tables = 1 if options.get("tie_embedding") else 2  # the embedding and the lm_head, or one matrix for both
+    assert model.num_params() == 12 * depth * C * C + tables * padded * C + n_ve * padded * C + gates + scalars
     short = sum(1 for i in range(depth - 1) if i % 4 != 3) if options["window"] else 0  # windowed layers: 3 in 4, not the last
     keys = short * seq // 4 + (depth - short) * seq  # the keys each layer's attention reads
     assert model.estimate_flops() == 6 * (12 * depth * C * C + padded * C + gates) + 12 * C * keys
@@ -355,6 +356,24 @@ def test_residual_scalars_against_a_hand_written_forward():
             x = block(model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0, cos, sin)
         reference = 15 * torch.tanh(model.lm_head(norm(x)) / 15)
         assert torch.allclose(model(idx), reference[..., :1000], atol=1e-5)
+
+
+def test_tied_embedding_is_the_lm_head_and_both_uses_train_it():
+    """A tied model computes what an untied one does whose embedding is a copy of its lm_head, and
+    its one matrix's gradient is the sum of the two matrices' gradients there."""
+    untied = make_live(None)
+    tied = make_live(None, options={**RICH, "tie_embedding": True})
+    assert "transformer.wte.weight" not in dict(tied.named_parameters())
+    assert tied.load_state_dict(untied.state_dict(), strict=False).unexpected_keys == ["transformer.wte.weight"]
+    with torch.no_grad():
+        untied.transformer.wte.weight.copy_(untied.lm_head.weight)
+    x, y = torch.randint(0, 1000, (2, 16)), torch.randint(0, 1000, (2, 16))
+    loss, untied_loss = tied(x, y), untied(x, y)
+    assert torch.allclose(loss, untied_loss)
+    loss.backward()
+    untied_loss.backward()
+    both = untied.transformer.wte.weight.grad + untied.lm_head.weight.grad
+    assert untied.transformer.wte.weight.grad.abs().sum() > 0 and torch.allclose(tied.lm_head.weight.grad, both, atol=1e-6)
 
 
 def test_smear_against_a_hand_written_embedding():

@@ -35,7 +35,7 @@ BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
             "--smear=0", "--key_offset=0", "--head_dim=128", "--packing=bestfit", "--doc_mask=0",
-            "--canon=0"]
+            "--canon=0", "--tie_embedding=0"]
 # The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
 # same way: the fifth round's changes are measured against it.
 VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
@@ -128,6 +128,7 @@ CONFIGS = {
     "round12": ROUND12,
     "r12_doc_mask": ROUND12 + ["--doc_mask=1"],  # attention, smear and key offset stay inside documents
     "r12_canon": ROUND12 + ["--canon=1"],  # a causal depthwise conv over 4 positions before attention and the MLP
+    "r12_tie_embedding": ROUND12 + ["--tie_embedding=1"],  # the lm_head's rows are the token embedding too
 }
 
 
