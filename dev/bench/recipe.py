@@ -129,6 +129,8 @@ CONFIGS = {
     "r12_doc_mask": ROUND12 + ["--doc_mask=1"],  # attention, smear and key offset stay inside documents
     "r12_canon": ROUND12 + ["--canon=1"],  # a causal depthwise conv over 4 positions before attention and the MLP
     "r12_tie_embedding": ROUND12 + ["--tie_embedding=1"],  # the lm_head's rows are the token embedding too
+    "r12_window_0.0625": ROUND12 + ["--window=0.0625"],  # 32 tokens of 512: do rows in reading order move the best window?
+    "r12_residual_scalars": ROUND12 + ["--residual_scalars=1"],  # learned residual and x0 scalars on today's recipe
 }
 
 
