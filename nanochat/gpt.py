@@ -404,7 +404,7 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * c.n_head * head_dim * keys
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.02,
-                         matrix_weight_decay=0.0, newton_schulz="classic", normuon_beta2=0.0):
+                         matrix_weight_decay=0.0, newton_schulz="classic", normuon_beta2=0.0, equilibrate_rows=False):
         """AdamW for the embeddings and unembedding (learning rates scaled by 1/sqrt(width/768)) and
         the per-layer scalars, Muon for every matrix in the blocks (see optim.Muon for its options).
         Both shard their work when torch.distributed is up."""
@@ -417,7 +417,7 @@ class GPT(nn.Module):
             groups.append({"params": self.scalars(), "lr": scalar_lr, "weight_decay": 0.0})
         adamw = AdamW(groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
         muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95, newton_schulz=newton_schulz,
-                    normuon_beta2=normuon_beta2, weight_decay=matrix_weight_decay)
+                    equilibrate_rows=equilibrate_rows, normuon_beta2=normuon_beta2, weight_decay=matrix_weight_decay)
         for opt in (adamw, muon):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]

@@ -21,13 +21,22 @@ def _world():
     return 0, 1
 
 
+def _squares(params):
+    """A float64 accumulator for the gradients' sum of squares (float32 on MPS, which has no float64):
+    a rank's shards add up in another order than one process's whole tensors, and in float32 that
+    moves the global norm, and so the clipping scale, by an ulp that the optimizers' sign tests and
+    Adam's first steps can turn into 1e-4 in the weights."""
+    device = params[0].device
+    return torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+
+
 def step_optimizers(optimizers, grad_clip=0.0):
     """Average gradients across ranks, clip them to a global norm of `grad_clip` (0 = off),
     update every parameter. Returns the gradient norm before clipping."""
     sq = sum(opt.reduce_gradients() for opt in optimizers)
     if _world()[1] > 1:
         dist.all_reduce(sq)
-    norm = sq.sqrt()
+    norm = sq.sqrt().float()
     scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip > 0 else torch.ones_like(norm)
     for opt in optimizers:
         opt.step(grad_scale=scale)
@@ -45,7 +54,7 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def reduce_gradients(self):
         rank, world = _world()
-        sq = torch.zeros((), device=self.param_groups[0]["params"][0].device)
+        sq = _squares(self.param_groups[0]["params"])
         for group in self.param_groups:
             for p in group["params"]:
                 if world > 1 and p.shape[0] % world == 0:
@@ -54,14 +63,14 @@ class AdamW(torch.optim.Optimizer):
                     dist.reduce_scatter_tensor(grad, p.grad.contiguous())
                     grad /= world
                     self._owned[p] = (p[rank * rows : (rank + 1) * rows], grad)
-                    sq += grad.float().square().sum()
+                    sq += grad.float().square().sum(dtype=sq.dtype)
                 else:
                     if world > 1:
                         dist.all_reduce(p.grad)
                         p.grad /= world
                     self._owned[p] = (p, p.grad)
                     if rank == 0:  # replicated: count it once
-                        sq += p.grad.float().square().sum()
+                        sq += p.grad.float().square().sum(dtype=sq.dtype)
         return sq
 
     def state_bytes(self):
@@ -136,22 +145,26 @@ class Muon(torch.optim.Optimizer):
     matrices move alike. Across ranks, parameters of one shape are handled in groups of
     world_size: rank r owns the r-th of each group (its momentum lives only there).
 
-    Options: `newton_schulz` picks the iteration (NEWTON_SCHULZ). `normuon_beta2` > 0 (NorMuon)
+    Options: `newton_schulz` picks the iteration (NEWTON_SCHULZ). `equilibrate_rows` (MuonEq-R)
+    scales each row of the momentum to unit norm before orthogonalizing: Newton–Schulz then starts
+    from a better-conditioned matrix, and no output neuron's gradient dominates the update's
+    directions. `normuon_beta2` > 0 (NorMuon)
     divides each row (output neuron) of the orthogonalized update by the root of an EMA of its mean
     square, then rescales the whole to the norm it had: orthogonalization equalises directions but
     leaves some neurons' rows much larger than others'. `weight_decay` is cautious: it shrinks only
     the entries the update also moves towards zero (same sign as the weight), at lr * weight_decay.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, newton_schulz="classic", normuon_beta2=0.0,
-                 weight_decay=0.0):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, newton_schulz="classic", equilibrate_rows=False,
+                 normuon_beta2=0.0, weight_decay=0.0):
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError("Muon only optimizes 2-D matrices")
         if newton_schulz not in NEWTON_SCHULZ:
             raise ValueError(f"newton_schulz must be one of {sorted(NEWTON_SCHULZ)}, not {newton_schulz!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, newton_schulz=newton_schulz,
-                                      normuon_beta2=normuon_beta2, weight_decay=weight_decay))
+                                      equilibrate_rows=equilibrate_rows, normuon_beta2=normuon_beta2,
+                                      weight_decay=weight_decay))
         rank, world = _world()
         order = {id(p): i for i, p in enumerate(params)}
         by_shape = sorted(params, key=lambda p: (tuple(p.shape), order[id(p)]))
@@ -166,7 +179,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def reduce_gradients(self):
         rank, world = _world()
-        sq = torch.zeros((), device=self.param_groups[0]["params"][0].device)
+        sq = _squares(self.param_groups[0]["params"])
         for group in self._groups:
             if world == 1:
                 grad = group[0].grad
@@ -177,7 +190,7 @@ class Muon(torch.optim.Optimizer):
                 grad /= world
             if rank < len(group):
                 self._owned[group[rank]] = grad
-                sq += grad.float().square().sum()
+                sq += grad.float().square().sum(dtype=sq.dtype)
         return sq
 
     def state_bytes(self):
@@ -202,6 +215,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - h["momentum"])
                 update = grad.lerp(buf, h["momentum"]) if h["nesterov"] else buf
+                if h["equilibrate_rows"]:
+                    update = update / update.norm(dim=1, keepdim=True).clamp(min=1e-7)
                 update = orthogonalize(update, h["newton_schulz"])
                 if h["normuon_beta2"] > 0:
                     update = self._normalize_rows(update, state, h["normuon_beta2"])

@@ -61,6 +61,8 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the embeddings and lm_head")
     g.add_argument("--matrix_weight_decay", type=float, default=0.0, help="Muon's cautious weight decay (times the LR)")
     g.add_argument("--newton_schulz", choices=["classic", "polar"], default="classic", help="Muon's orthogonalization")
+    g.add_argument("--equilibrate_rows", type=int, choices=[0, 1], default=0,
+                   help="1 = MuonEq-R: each row of Muon's momentum at unit norm before orthogonalizing")
     g.add_argument("--normuon_beta2", type=float, default=0.0, help="NorMuon's per-row normalization EMA (0 = off)")
     g.add_argument("--momentum_warmup", type=int, default=300, help="steps over which Muon's momentum ramps from 0.85 to 0.95")
     g.add_argument("--momentum_cooldown", type=float, default=momentum_cooldown,
@@ -214,7 +216,7 @@ class Trainer:
         _, self.rank, _, self.world_size = get_dist_info()
         self.optimizers = model.setup_optimizers(
             args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay, args.scalar_lr,
-            args.matrix_weight_decay, args.newton_schulz, args.normuon_beta2)
+            args.matrix_weight_decay, args.newton_schulz, args.normuon_beta2, bool(args.equilibrate_rows))
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] *= args.init_lr_frac

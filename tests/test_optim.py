@@ -54,17 +54,19 @@ def newton_schulz_reference(G, method=CLASSIC):
 
 
 @pytest.mark.parametrize("rows, cols, aspect", [(6, 10, 1.0), (10, 6, (10 / 6) ** 0.5), (24, 6, 2.0)])
-@pytest.mark.parametrize("options", [{}, {"newton_schulz": "polar", "normuon_beta2": 0.9, "weight_decay": 0.5}],
-                         ids=["classic", "polar+normuon+cautious wd"])
+@pytest.mark.parametrize("options", [{}, {"newton_schulz": "polar", "normuon_beta2": 0.9, "weight_decay": 0.5},
+                                     {"equilibrate_rows": True}],
+                         ids=["classic", "polar+normuon+cautious wd", "muoneq-r"])
 def test_muon_matches_reference_step(rows, cols, aspect, options):
     """Wide matrices take the orthogonalized step as is; tall ones scaled by sqrt(rows / cols).
-    NorMuon divides each row by the root of an EMA of its mean square and restores the norm;
+    MuonEq-R first scales each row of the momentum to unit norm; NorMuon divides each row of the
+    orthogonalized update by the root of an EMA of its mean square and restores the norm;
     cautious weight decay shrinks the entries whose update has the weight's sign."""
     torch.manual_seed(0)
     w = torch.randn(rows, cols, requires_grad=True)
     w0 = w.detach().numpy().copy()
     opt = Muon([w], lr=0.1, momentum=0.9, nesterov=True, **options)
-    method = polar_express_coefficients() if options else CLASSIC
+    method = polar_express_coefficients() if options.get("newton_schulz") == "polar" else CLASSIC
     beta2, wd = options.get("normuon_beta2", 0.0), options.get("weight_decay", 0.0)
     buf, row_sq = np.zeros_like(w0), np.zeros((rows, 1))
     expected = w0.astype(np.float64)
@@ -74,7 +76,10 @@ def test_muon_matches_reference_step(rows, cols, aspect, options):
         step_optimizers([opt])
         g = grad.numpy().astype(np.float64)
         buf = 0.9 * buf + 0.1 * g
-        update = newton_schulz_reference(0.1 * g + 0.9 * buf, method)  # Nesterov: the gradient pulled towards the momentum
+        nesterov = 0.1 * g + 0.9 * buf  # the gradient pulled towards the momentum
+        if options.get("equilibrate_rows"):
+            nesterov = nesterov / np.linalg.norm(nesterov, axis=1, keepdims=True)
+        update = newton_schulz_reference(nesterov, method)
         if beta2:
             row_sq = beta2 * row_sq + (1 - beta2) * (update**2).mean(axis=1, keepdims=True)
             normalized = update / np.sqrt(row_sq)

@@ -31,7 +31,7 @@ from nanochat.common import make_parser  # noqa: E402
 # defaults become. "new" is base_train's defaults. Every other configuration is the baseline (or a
 # later round's recipe, pinned likewise) plus one change, so each default change has a row of its own.
 BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0", "--matrix_weight_decay=0.0",
-            "--newton_schulz=classic", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
+            "--newton_schulz=classic", "--equilibrate_rows=0", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--attn_scale=0", "--attn_gate=0",
             "--smear=0", "--key_offset=0", "--head_dim=128", "--packing=bestfit", "--doc_mask=0",
@@ -131,6 +131,7 @@ CONFIGS = {
     "r12_tie_embedding": ROUND12 + ["--tie_embedding=1"],  # the lm_head's rows are the token embedding too
     "r12_window_0.0625": ROUND12 + ["--window=0.0625"],  # 32 tokens of 512: do rows in reading order move the best window?
     "r12_residual_scalars": ROUND12 + ["--residual_scalars=1"],  # learned residual and x0 scalars on today's recipe
+    "r12_muoneq_r": ROUND12 + ["--equilibrate_rows=1"],  # MuonEq-R: the momentum's rows at unit norm before Newton–Schulz
 }
 
 
