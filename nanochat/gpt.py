@@ -11,7 +11,7 @@ dtype. Logits and losses are float32. No script needs an autocast context.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -402,6 +402,14 @@ class GPT(nn.Module):
         matmul_params = self.num_params() - sum(p.numel() for p in self.embeddings() + self.scalars())
         keys = sum(min(layer_window(i, c) or c.sequence_len, c.sequence_len) for i in range(c.n_layer))
         return 6 * matmul_params + 12 * c.n_head * head_dim * keys
+
+    def set_window(self, fraction):
+        """Give the short layers a window of `fraction` of the training context for now (base_train's
+        window schedule); the model saved and served keeps config.window, so training ends on it."""
+        config = replace(self.config, window=fraction)
+        for block in self.transformer.h:
+            if block.attn.window:
+                block.attn.window = layer_window(block.attn.layer_idx, config)
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.02,
                          matrix_weight_decay=0.0, newton_schulz="classic", normuon_beta2=0.0, equilibrate_rows=False):

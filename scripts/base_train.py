@@ -32,6 +32,8 @@ m.add_argument("--residual_scalars", type=int, choices=[0, 1], default=None, hel
 m.add_argument("--softcap", type=float, default=None, help="logit soft cap")
 m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding base")
 m.add_argument("--window", type=float, default=None, help="sliding attention window of three layers in four, a fraction of max_seq_len (0 = off)")
+m.add_argument("--window_start", type=float, default=0.0,
+               help="the window starts at this fraction of max_seq_len and doubles at even intervals up to --window (0 = --window throughout)")
 m.add_argument("--attn_scale", type=float, default=None, help="scale of the attention scores (0 = 1/sqrt(head_dim))")
 m.add_argument("--attn_gate", type=int, choices=[0, 1], default=None, help="a learned gate per head on attention's output")
 m.add_argument("--smear", type=int, choices=[0, 1], default=None, help="mix a gated share of the previous token's embedding into each token's")
@@ -83,6 +85,17 @@ def batch_rule(config, params):
     return batch, math.sqrt(batch / REFERENCE_BATCH)
 
 
+def window_schedule(step, num_iterations, start, end):
+    """The short layers' window (a fraction of the context) at a step: `start`, doubling at even
+    intervals so that the last interval trains at `end`, the window the model keeps (after
+    modded-nanogpt, whose windows grow over training: the shorter window learns faster early on,
+    dev/bench/recipe.py's windows of a sixteenth, the longer one is better later)."""
+    if not start or start >= end:
+        return end
+    stages = math.ceil(math.log2(end / start)) + 1
+    return min(end, start * 2 ** (step * stages // num_iterations))
+
+
 def horizon(args, num_params, flops_per_token):
     if args.num_iterations > 0:
         return args.num_iterations
@@ -113,6 +126,8 @@ def main():
     model.init_weights(args.init_scale)
     if args.fp8:
         model.use_fp8()
+    if args.window_start and not config.window:
+        raise SystemExit("error: --window_start needs sliding windows (--window > 0); drop it or set --window")
     num_params, flops_per_token, counted = model.num_params(), model.estimate_flops(), horizon_params(model)
     if args.total_batch_size == -1:
         args.total_batch_size, lr_scale = batch_rule(config, counted)
@@ -174,8 +189,12 @@ def main():
                 print0("sample: " + prompt + tokenizer.decode(list(model.generate(ids, 16, temperature=0))))
         return metrics
 
+    def loss(m, batch):
+        model.set_window(window_schedule(trainer.step, num_iterations, args.window_start, config.window))
+        return m(*batch)
+
     t_start = time.time()
-    loop = trainer.fit(grad_accum, next_batch, lambda m, batch: m(*batch), evaluate, lambda: loader_state,
+    loop = trainer.fit(grad_accum, next_batch, loss, evaluate, lambda: loader_state,
                        log_extra=lambda: f" | cropped: {100 * cropped_fraction(loader_state):.1f}%")
     print0(f"done: {trainer.step} steps, min val bpb {loop['min_val_bpb']}, {(time.time() - t_start) / 60:.2f} min wall")
     trainer.finish("Base model training", {
