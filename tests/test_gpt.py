@@ -226,6 +226,26 @@ def test_sliding_window_attention_matches_the_reference():
         assert not torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-3)  # the window matters
 
 
+def test_set_window_computes_the_model_built_with_that_window():
+    """base_train's window schedule: set_window(f) on a model is the model configured with window f,
+    on the short layers only, and set_window(config.window) gives it back."""
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=6, n_head=4, n_kv_head=2, n_embd=128, window=0.25, key_offset=True)
+    model, short = GPT(config), GPT(GPTConfig(**{**vars(config), "window": 3 / 64}))
+    model.init_weights()
+    for p in model.transformer.h.parameters():
+        p.data.normal_(std=0.05)
+    short.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 1000, (2, 40))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_window(3 / 64)
+        assert [b.attn.window for b in model.transformer.h] == [b.attn.window for b in short.transformer.h] == [3, 3, 3, 0, 3, 0]
+        assert torch.equal(model(idx), short(idx)) and not torch.allclose(model(idx), full, atol=1e-3)
+        model.set_window(config.window)
+        assert [b.attn.window for b in model.transformer.h] == [16, 16, 16, 0, 16, 0] and torch.equal(model(idx), full)
+
+
 def test_attention_scale_scales_the_scores():
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, attn_scale=0.3))
