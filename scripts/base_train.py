@@ -32,8 +32,8 @@ m.add_argument("--residual_scalars", type=int, choices=[0, 1], default=None, hel
 m.add_argument("--softcap", type=float, default=None, help="logit soft cap")
 m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding base")
 m.add_argument("--window", type=float, default=None, help="sliding attention window of three layers in four, a fraction of max_seq_len (0 = off)")
-m.add_argument("--window_start", type=float, default=0.0,
-               help="the window starts at this fraction of max_seq_len and doubles at even intervals up to --window (0 = --window throughout)")
+m.add_argument("--window_stages", type=int, default=1,
+               help="the window grows over the run: --window / 2^(stages - 1) at first, doubling at even intervals (1 = --window throughout)")
 m.add_argument("--attn_scale", type=float, default=None, help="scale of the attention scores (0 = 1/sqrt(head_dim))")
 m.add_argument("--attn_gate", type=int, choices=[0, 1], default=None, help="a learned gate per head on attention's output")
 m.add_argument("--smear", type=int, choices=[0, 1], default=None, help="mix a gated share of the previous token's embedding into each token's")
@@ -85,15 +85,13 @@ def batch_rule(config, params):
     return batch, math.sqrt(batch / REFERENCE_BATCH)
 
 
-def window_schedule(step, num_iterations, start, end):
-    """The short layers' window (a fraction of the context) at a step: `start`, doubling at even
-    intervals so that the last interval trains at `end`, the window the model keeps (after
-    modded-nanogpt, whose windows grow over training: the shorter window learns faster early on,
-    dev/bench/recipe.py's windows of a sixteenth, the longer one is better later)."""
-    if not start or start >= end:
-        return end
-    stages = math.ceil(math.log2(end / start)) + 1
-    return min(end, start * 2 ** (step * stages // num_iterations))
+def window_schedule(step, num_iterations, window, stages):
+    """The short layers' window (a fraction of the context) at a step: window / 2^(stages - 1) over the
+    first 1/stages of the run, doubling at each further 1/stages, so that the last trains at `window`,
+    the one the model keeps (after modded-nanogpt, whose windows grow over training: in
+    dev/bench/recipe.py a shorter window learns faster early on, a longer one is better later)."""
+    stage = min(stages - 1, step * stages // num_iterations)
+    return window / 2 ** (stages - 1 - stage)
 
 
 def horizon(args, num_params, flops_per_token):
@@ -108,6 +106,8 @@ def horizon(args, num_params, flops_per_token):
 
 def main():
     args = parse_args(parser)
+    if args.window_stages < 1:
+        raise SystemExit(f"error: --window_stages={args.window_stages}: the window needs 1 stage at least (1 = no schedule)")
     setup_default_logging()
     _, rank, _, world_size, device = compute_init(args.device_type, seed=args.seed)
     if args.fp8 and not fp8_supported(device):
@@ -126,8 +126,6 @@ def main():
     model.init_weights(args.init_scale)
     if args.fp8:
         model.use_fp8()
-    if args.window_start and not config.window:
-        raise SystemExit("error: --window_start needs sliding windows (--window > 0); drop it or set --window")
     num_params, flops_per_token, counted = model.num_params(), model.estimate_flops(), horizon_params(model)
     if args.total_batch_size == -1:
         args.total_batch_size, lr_scale = batch_rule(config, counted)
@@ -190,7 +188,7 @@ def main():
         return metrics
 
     def loss(m, batch):
-        model.set_window(window_schedule(trainer.step, num_iterations, args.window_start, config.window))
+        model.set_window(window_schedule(trainer.step, num_iterations, config.window, args.window_stages))
         return m(*batch)
 
     t_start = time.time()

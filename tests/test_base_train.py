@@ -306,29 +306,29 @@ def test_batch_rule_scales_with_the_parameters():
 
 def test_window_schedule_doubles_up_to_the_final_window():
     from scripts.base_train import window_schedule
-    thirds = [window_schedule(step, 300, 1 / 16, 1 / 4) for step in (0, 99, 100, 199, 200, 299, 300)]
+    thirds = [window_schedule(step, 300, 1 / 4, 3) for step in (0, 99, 100, 199, 200, 299, 300)]
     assert thirds == [1 / 16, 1 / 16, 1 / 8, 1 / 8, 1 / 4, 1 / 4, 1 / 4]  # 3 stages, a third of the run each
-    assert [window_schedule(step, 10, 0.1, 0.25) for step in (0, 3, 4, 6, 7, 9)] == [0.1, 0.1, 0.2, 0.2, 0.25, 0.25]
-    assert {window_schedule(step, 10, 0.0, 0.125) for step in range(11)} == {0.125}  # no schedule
+    assert [window_schedule(step, 10, 0.2, 2) for step in (0, 4, 5, 9)] == [0.1, 0.1, 0.2, 0.2]
+    assert {window_schedule(step, 10, 0.125, 1) for step in range(11)} == {0.125}  # no schedule
 
 
 def test_window_schedule_trains_the_short_window_first_and_keeps_the_final_one(pretrain_env):
-    """Depth 2 at T=64: layer 0 is windowed. With --window_start=0.0625 the first third of the run
-    trains 4-token windows (the same losses as a run at --window=0.0625; at step 1 attention's output
-    projections are still 0, so step 2 is the first whose loss a window changes), and the model saved
-    has --window's 16."""
+    """Depth 2 at T=64: layer 0 is windowed. With --window=0.25 --window_stages=3 the first third of
+    the run trains 4-token windows (the same losses as a run at --window=0.0625; at step 1 attention's
+    output projections are still 0, so step 2 is the first whose loss a window changes), and the
+    model saved has --window's 16."""
     def second_loss(*flags):
         r = run_module("scripts.base_train", *TINY, "--eval_every=0", "--num_iterations=6", *flags)
         assert r.returncode == 0, r.stderr
         return losses(r.stdout)[0][2]
 
-    scheduled = second_loss("--window=0.25", "--window_start=0.0625", "--model_tag=grow")
+    scheduled = second_loss("--window=0.25", "--window_stages=3", "--model_tag=grow")
     assert scheduled == second_loss("--window=0.0625", "--model_tag=short")
     assert scheduled != second_loss("--window=0.25", "--model_tag=long")
     model, _, _ = load_model("base", "cpu", phase="eval", model_tag="grow")
     assert model.config.window == 0.25 and model.transformer.h[0].attn.window == 16
-    r = run_module("scripts.base_train", *TINY, "--window=0", "--window_start=0.1", "--num_iterations=1")
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --window_start needs sliding windows")
+    r = run_module("scripts.base_train", *TINY, "--window_stages=0", "--num_iterations=1")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --window_stages=0: the window needs")
 
 
 def test_default_batch_follows_the_rule(pretrain_env):

@@ -33,7 +33,7 @@ from nanochat.common import make_parser  # noqa: E402
 BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0", "--matrix_weight_decay=0.0",
             "--newton_schulz=classic", "--equilibrate_rows=0", "--normuon_beta2=0.0", "--value_embeds=0", "--residual_scalars=0", "--softcap=15",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
-            "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--window_start=0", "--attn_scale=0", "--attn_gate=0",
+            "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--window_stages=1", "--attn_scale=0", "--attn_gate=0",
             "--smear=0", "--key_offset=0", "--head_dim=128", "--packing=bestfit", "--doc_mask=0",
             "--canon=0", "--tie_embedding=0"]
 # The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
@@ -133,8 +133,8 @@ CONFIGS = {
     "r12_residual_scalars": ROUND12 + ["--residual_scalars=1"],  # learned residual and x0 scalars on today's recipe
     "r12_muoneq_r": ROUND12 + ["--equilibrate_rows=1"],  # MuonEq-R: the momentum's rows at unit norm before Newton–Schulz
     # windows that grow over the run (after modded-nanogpt): a sixteenth's head start, then the longer window
-    "r12_window_grow": ROUND12 + ["--window_start=0.0625"],  # 32 tokens for the first half, then 64
-    "r12_window_grow_0.25": ROUND12 + ["--window_start=0.0625", "--window=0.25"],  # 32, 64, then 128 tokens, a third each
+    "r12_window_grow": ROUND12 + ["--window_stages=2"],  # 32 tokens for the first half, then 64
+    "r12_window_grow_0.25": ROUND12 + ["--window_stages=3", "--window=0.25"],  # 32, 64, then 128 tokens, a third each
 }
 
 
