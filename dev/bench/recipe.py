@@ -135,6 +135,7 @@ CONFIGS = {
     # windows that grow over the run (after modded-nanogpt): a sixteenth's head start, then the longer window
     "r12_window_grow": ROUND12 + ["--window_stages=2"],  # 32 tokens for the first half, then 64
     "r12_window_grow_0.25": ROUND12 + ["--window_stages=3", "--window=0.25"],  # 32, 64, then 128 tokens, a third each
+    "r12_window_grow_3": ROUND12 + ["--window_stages=3"],  # 16, 32, then 64 tokens: shorter still at first
 }
 
 
