@@ -246,6 +246,32 @@ def test_set_window_computes_the_model_built_with_that_window():
         assert [b.attn.window for b in model.transformer.h] == [16, 16, 16, 0, 16, 0] and torch.equal(model(idx), full)
 
 
+def test_compiled_model_follows_set_window(monkeypatch):
+    """On GPUs the trainer compiles the model and the window schedule calls set_window on it between
+    steps: the compiled model must recompile (its flex block mask holds the window as a constant),
+    not go on with the window it was first traced at. (Dynamo's guards decide that, so the cheap
+    aot_eager backend stands in for inductor here.)"""
+    import nanochat.gpt
+
+    blocks = []
+    monkeypatch.setattr(nanochat.gpt, "FLEX_DEVICES", {"cpu"})
+    monkeypatch.setattr(nanochat.gpt, "attention_blocks", lambda *a: blocks.append(a[2]) or attention_blocks(*a))
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=256, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, window=0.25)
+    model, short = GPT(config), GPT(GPTConfig(**{**vars(config), "window": 1 / 16}))
+    model.init_weights()
+    for p in model.transformer.h.parameters():
+        p.data.normal_(std=0.05)
+    short.load_state_dict(model.state_dict())
+    compiled, idx = torch.compile(model, dynamic=False, backend="aot_eager"), torch.randint(0, 1000, (2, 256))
+    with torch.no_grad():
+        final = model(idx)
+        model.set_window(1 / 16)
+        assert torch.allclose(compiled(idx), short(idx), atol=1e-4)
+        model.set_window(config.window)
+        assert torch.allclose(compiled(idx), final, atol=1e-4) and not torch.allclose(final, short(idx), atol=1e-3)
+    assert set(blocks) == {16, 64}  # one trace per window, each through flex
+
 def test_attention_scale_scales_the_scores():
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, attn_scale=0.3))
