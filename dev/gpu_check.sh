@@ -2,9 +2,9 @@
 # Every stage of the pipeline on a CUDA machine, small, in under 8 minutes on one H100/H200
 # (compilation included): the engine's exactness tests on the GPU (CUDA graphs), data, tokenizer,
 # base training (a d12 model, compiled, bf16, batch size found automatically; again with --fp8
-# where the GPU has float8 matmuls, without sliding windows, and with document masks), base
-# loss, CORE, midtraining, all six chat evals, SFT, two RL steps, chat_cli and one streamed
-# chat_web answer. With several GPUs every stage runs on all of them.
+# where the GPU has float8 matmuls, without sliding windows, with document masks, and with Canon
+# layers and growing windows), base loss, CORE, midtraining, all six chat evals, SFT, two RL
+# steps, chat_cli and one streamed chat_web answer. With several GPUs every stage runs on all of them.
 #
 #   bash dev/gpu_check.sh           # prints a table: stage, ok/failed, seconds, its key number
 #
@@ -118,6 +118,9 @@ check base-nowindow "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]
 # And with document masks (the full-context layers then run flex, not flash attention), for their cost.
 check base-docmask "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]}" --doc_mask=1 --dry_run=1 \
     --model_tag=gpucheck-docmask
+# And Canon layers with windows that grow (the compiled model retraces at the new window halfway).
+check base-options "$TRAIN_KEY" "${RUN[@]}" -m scripts.base_train -- "${BASE[@]}" --canon=1 --window_stages=2 --dry_run=1 \
+    --model_tag=gpucheck-options
 check base-loss 'val bpb: [0-9.]+' "${RUN[@]}" -m scripts.base_loss -- "${TAG[@]}" --split_tokens="$TOTAL_BATCH" \
     --device_batch_size=8
 check base-eval 'CORE +[-0-9.]+' "${RUN[@]}" -m scripts.base_eval -- "${TAG[@]}" --max_per_task="$EVAL_ITEMS"

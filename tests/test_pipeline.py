@@ -109,12 +109,12 @@ def test_gpu_check_refuses_without_cuda_and_runs_every_stage_on_cpu_when_asked(t
     # With 1 s per stage, each one that loads torch "hangs": it is cut off, reported, and the check goes on.
     hung, rows = gpu_check(STAGE_TIMEOUT="1", NANOCHAT_BASE_DIR=str(tmp_path / "hung"))
     assert hung.returncode == 1 and "some stages failed" in hung.stdout
-    assert len(rows) == 15 and all(rows[name][1] == "failed" for name in list(rows)[3:] if name != "base-fp8")
+    assert len(rows) == 16 and all(rows[name][1] == "failed" for name in list(rows)[3:] if name != "base-fp8")
 
     r, rows = gpu_check(NANOCHAT_BASE_DIR=str(tmp_path / "base"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert list(rows) == ["engine", "data", "tokenizer", "base-train", "base-fp8", "base-nowindow", "base-docmask", "base-loss",
-                          "base-eval", "mid-train", "chat-eval", "sft", "rl", "chat-cli", "chat-web"]
+    assert list(rows) == ["engine", "data", "tokenizer", "base-train", "base-fp8", "base-nowindow", "base-docmask",
+                          "base-options", "base-loss", "base-eval", "mid-train", "chat-eval", "sft", "rl", "chat-cli", "chat-web"]
     assert rows.pop("base-fp8")[1:] == ["skipped", "0", "no float8 matmuls on this device"]  # (a CPU has none)
     assert all(row[1] == "ok" and len(row) == 4 for row in rows.values()), rows  # every stage has its key number
     assert re.fullmatch(r"loss: [\d.]+ .* tok/sec: [\d,]+ \| mfu: n/a", rows["base-train"][3])  # (no peak FLOP/s on CPU)
