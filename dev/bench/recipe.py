@@ -54,6 +54,9 @@ ROUND12 = ROUND10
 # are and scaled by sqrt(2) as base_train's batch rule scales them.
 DOUBLE_BATCH = ["--total_batch_size={double_batch}", "--num_iterations={half_steps}"]
 SQRT2_LRS = ["--matrix_lr=0.0283", "--embedding_lr=0.283", "--unembedding_lr=0.00566", "--scalar_lr=0.0283"]
+# And half the batch for twice the steps, with Muon's momentum warmup (counted in steps) over the same tokens.
+HALF_BATCH = ["--total_batch_size={half_batch}", "--num_iterations={double_steps}", "--device_batch_size=auto",
+              "--momentum_warmup=600"]
 CONFIGS = {
     "baseline": BASELINE,
     "new": [],
@@ -136,6 +139,10 @@ CONFIGS = {
     "r12_window_grow": ROUND12 + ["--window_stages=2"],  # 32 tokens for the first half, then 64
     "r12_window_grow_0.25": ROUND12 + ["--window_stages=3", "--window=0.25"],  # 32, 64, then 128 tokens, a third each
     "r12_window_grow_3": ROUND12 + ["--window_stages=3"],  # 16, 32, then 64 tokens: shorter still at first
+    # the batch at this scale: half of it for twice the steps, the LRs scaled by 1/sqrt(2) as the batch rule does, or not
+    "r12_batch_half": ROUND12 + HALF_BATCH + ["--matrix_lr=0.01414", "--embedding_lr=0.1414", "--unembedding_lr=0.00283",
+                                              "--scalar_lr=0.01414"],
+    "r12_batch_half_same_lrs": ROUND12 + HALF_BATCH,
 }
 
 
@@ -163,7 +170,8 @@ def prepare(env, args):
 
 def flags(name, steps, tokens):
     """A configuration's flags for a run of `steps` steps of `tokens` tokens."""
-    return [flag.format(half_steps=steps // 2, double_batch=2 * tokens) for flag in CONFIGS[name]]
+    return [flag.format(half_steps=steps // 2, double_batch=2 * tokens, double_steps=2 * steps, half_batch=tokens // 2)
+            for flag in CONFIGS[name]]
 
 
 def train(env, args, name, depth, steps, seed):
