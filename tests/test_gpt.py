@@ -48,6 +48,16 @@ def test_parameter_count_and_flops_closed_form(depth, options, head_dim):
     assert C // model.config.n_head == min(C, head_dim)
 
 
+@pytest.mark.parametrize("options", [PLAIN, RICH, {**RICH, "tie_embedding": True}], ids=["plain", "every option", "tied"])
+def test_the_optimizers_take_every_parameter_once(options):
+    """Muon the blocks' matrices, AdamW everything else (the blocks' gain vectors included)."""
+    model = make(2, **options)
+    adamw, muon = model.setup_optimizers()
+    taken = [p for opt in (adamw, muon) for group in opt.param_groups for p in group["params"]]
+    assert sorted(map(id, taken)) == sorted(map(id, model.parameters()))
+    assert all(p.ndim == 2 for group in muon.param_groups for p in group["params"])
+
+
 def test_depth_20_is_the_speedrun_model():
     with torch.device("meta"):
         model = GPT(config_for_depth(20, 65536, 2048))
