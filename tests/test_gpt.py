@@ -268,16 +268,22 @@ def test_sliding_window_attention_matches_the_reference():
         assert not torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-3)  # the window matters
 
 
-def test_set_window_computes_the_model_built_with_that_window():
-    """base_train's window schedule: set_window(f) on a model is the model configured with window f,
-    on the short layers only, and set_window(config.window) gives it back."""
+def window_twins(config, fraction):
+    """A model with random block weights, and the same weights in a model built with another window."""
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=6, n_head=4, n_kv_head=2, n_embd=128, window=0.25, key_offset=True)
-    model, short = GPT(config), GPT(GPTConfig(**{**vars(config), "window": 3 / 64}))
+    model, short = GPT(config), GPT(GPTConfig(**{**vars(config), "window": fraction}))
     model.init_weights()
     for p in model.transformer.h.parameters():
         p.data.normal_(std=0.05)
     short.load_state_dict(model.state_dict())
+    return model, short
+
+
+def test_set_window_computes_the_model_built_with_that_window():
+    """base_train's window schedule: set_window(f) on a model is the model configured with window f,
+    on the short layers only, and set_window(config.window) gives it back."""
+    config = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=6, n_head=4, n_kv_head=2, n_embd=128, window=0.25, key_offset=True)
+    model, short = window_twins(config, 3 / 64)
     idx = torch.randint(0, 1000, (2, 40))
     with torch.no_grad():
         full = model(idx)
@@ -298,13 +304,8 @@ def test_compiled_model_follows_set_window(monkeypatch):
     blocks = []
     monkeypatch.setattr(nanochat.gpt, "FLEX_DEVICES", {"cpu"})
     monkeypatch.setattr(nanochat.gpt, "attention_blocks", lambda *a: blocks.append(a[2]) or attention_blocks(*a))
-    torch.manual_seed(0)
     config = GPTConfig(sequence_len=256, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, window=0.25)
-    model, short = GPT(config), GPT(GPTConfig(**{**vars(config), "window": 1 / 16}))
-    model.init_weights()
-    for p in model.transformer.h.parameters():
-        p.data.normal_(std=0.05)
-    short.load_state_dict(model.state_dict())
+    model, short = window_twins(config, 1 / 16)
     compiled, idx = torch.compile(model, dynamic=False, backend="aot_eager"), torch.randint(0, 1000, (2, 256))
     with torch.no_grad():
         final = model(idx)
@@ -313,6 +314,7 @@ def test_compiled_model_follows_set_window(monkeypatch):
         model.set_window(config.window)
         assert torch.allclose(compiled(idx), final, atol=1e-4) and not torch.allclose(final, short(idx), atol=1e-3)
     assert set(blocks) == {16, 64}  # one trace per window, each through flex
+
 
 def test_attention_scale_scales_the_scores():
     torch.manual_seed(0)
