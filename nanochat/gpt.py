@@ -41,13 +41,12 @@ class GPTConfig:
     smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's
     key_offset: bool = False  # the full-context layers' keys take their slow rotary dims from the previous position
     tie_embedding: bool = False  # the lm_head's rows are the token embedding too (no separate table)
-    norm_gains: bool = False  # learned gains (1 at init) on the normed queries, per head and rotary pair, and on the final norm
     canon: bool = False  # Canon layers: attention's and the MLP's inputs mix in the 3 positions before (a causal depthwise conv)
     doc_token: int = -1  # BOS, which begins a document: attention, smear, key offset and Canon stay inside one (-1: none)
 
 
 RECIPE = dict(value_embeds=True, residual_scalars=False, softcap=15.0, rotary_base=10000.0, window=0.125, attn_scale=0.0,
-              attn_gate=True, smear=True, key_offset=True, norm_gains=False, canon=False, tie_embedding=False)  # dev/bench/recipe.py
+              attn_gate=True, smear=True, key_offset=True, canon=False, tie_embedding=False)  # dev/bench/recipe.py
 
 
 def config_for_depth(depth, vocab_size, sequence_len, head_dim=128, **overrides):
@@ -157,10 +156,6 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
         # attention computes q.k / sqrt(head_dim); another scale is folded into the (normed) queries
         self.q_gain = config.attn_scale * math.sqrt(self.head_dim) if config.attn_scale else None
-        # A learned gain per head and rotary pair on the normed queries: a temperature per frequency.
-        # (One gain for both dims of a pair, so that q.k still depends on positions only through their
-        # distance; flat, so that Muon, which takes the blocks' matrices, leaves it to AdamW.)
-        self.q_gains = nn.Parameter(torch.ones(self.n_head * self.head_dim // 2)) if config.norm_gains else None
         self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
@@ -185,9 +180,6 @@ class CausalSelfAttention(nn.Module):
             k = offset_keys(k, kv_cache.previous_key(self.layer_idx, k) if kv_cache is not None else None, starts)
         if self.q_gain is not None:
             q = q * self.q_gain
-        if self.q_gains is not None:
-            gains = self.q_gains.to(q.dtype).view(self.n_head, self.head_dim // 2)
-            q = q * torch.cat([gains, gains], dim=-1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if kv_cache is None:
             y = causal_attention(q, k, v, self.window, None if starts is None else starts.cumsum(1))
@@ -335,8 +327,6 @@ class GPT(nn.Module):
         if config.residual_scalars:  # block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the embedding)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
-        if config.norm_gains:  # the final norm's (the queries' are in the blocks)
-            self.out_gains = nn.Parameter(torch.ones(config.n_embd))
         if config.canon:  # (layer, attention's or the MLP's, position back, channel); AdamW at scalar_lr
             self.canon_weights = nn.Parameter(torch.zeros(config.n_layer, 2, CANON_WIDTH, config.n_embd))
         # Rotary tables for 10x the training length, so generation can run past it.
@@ -380,10 +370,6 @@ class GPT(nn.Module):
             self.x0_lambdas.fill_(0.1)
         if self.config.canon:  # zero: every Canon layer starts as the identity
             self.canon_weights.zero_()
-        if self.config.norm_gains:
-            self.out_gains.fill_(1.0)
-            for block in self.transformer.h:
-                block.attn.q_gains.fill_(1.0)
         self.cos, self.sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
         self.compute_dtype = compute_dtype(self.lm_head.weight.device)
 
@@ -402,12 +388,10 @@ class GPT(nn.Module):
         return token + [table.weight for table in self.value_embeds.values()]
 
     def scalars(self):
-        """The small parameters, trained by AdamW at scalar_lr: those outside the blocks and the
-        blocks' vectors (the norm gains)."""
+        """The small parameters outside the blocks, trained by AdamW at scalar_lr."""
         return (([self.resid_lambdas, self.x0_lambdas] if self.config.residual_scalars else [])
                 + ([self.smear_lambda, self.smear_gate.weight] if self.config.smear else [])
-                + ([self.canon_weights] if self.config.canon else [])
-                + ([self.out_gains] + [b.attn.q_gains for b in self.transformer.h] if self.config.norm_gains else []))
+                + ([self.canon_weights] if self.config.canon else []))
 
     def matrices(self):
         """The blocks' matrices, trained by Muon."""
@@ -485,8 +469,6 @@ class GPT(nn.Module):
             canon = self.canon_weights[i].to(dtype) if self.config.canon else None
             x = block(x, cos, sin, kv_cache, ve, starts, canon)
         x = norm(x[:, -1:] if last_only else x)
-        if self.config.norm_gains:
-            x = x * self.out_gains.to(dtype)
         if (targets is not None and loss_reduction == "mean" and torch.is_grad_enabled() and x.device.type == "cpu"
                 and dtype == torch.float32):
             return _ChunkedSoftcapCrossEntropy.apply(

@@ -35,13 +35,12 @@ def test_the_dtype_policy(monkeypatch):
 def gqa_model(vocab, monkeypatch, dtype, seed=0):
     """A 2-layer model with 4 query heads on 2 key/value heads, the recipe's parts (a 16-token
     window on the first layer, value embeddings on the last, attention gates, smear, the key
-    offset, Canon layers, norm gains) and live output projections, gates, lambdas and gains,
+    offset, Canon layers) and live output projections, gates and lambdas,
     identical weights for a given seed whatever its compute dtype."""
     monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
-                          value_embeds=True, window=0.25, attn_gate=True, smear=True, key_offset=True, canon=True,
-                          norm_gains=True))
+                          value_embeds=True, window=0.25, attn_gate=True, smear=True, key_offset=True, canon=True))
     model.init_weights()
     with torch.no_grad():
         model.lm_head.weight.normal_(std=0.1)
@@ -54,9 +53,6 @@ def gqa_model(vocab, monkeypatch, dtype, seed=0):
         model.smear_gate.weight.normal_(std=0.1)
         model.smear_lambda.fill_(0.5)
         model.canon_weights.normal_(std=0.3)
-        model.out_gains.uniform_(0.5, 1.5)
-        for block in model.transformer.h:
-            block.attn.q_gains.uniform_(0.5, 1.5)
     return model
 
 

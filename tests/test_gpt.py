@@ -20,10 +20,8 @@ def make(depth, vocab=1000, seq=64, seed=0, **options):
     return model
 
 
-PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False, smear=False, key_offset=False, canon=False,
-             norm_gains=False)
-RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, key_offset=True, canon=True,
-            norm_gains=True)
+PLAIN = dict(value_embeds=False, residual_scalars=False, window=0.0, attn_gate=False, smear=False, key_offset=False, canon=False)
+RICH = dict(value_embeds=True, residual_scalars=True, window=0.25, attn_gate=True, smear=True, key_offset=True, canon=True)
 
 
 @pytest.mark.parametrize("options", [PLAIN, RICH, {**RICH, "tie_embedding": True}], ids=["plain", "every option", "tied"])
@@ -39,7 +37,6 @@ def test_parameter_count_and_flops_closed_form(depth, options, head_dim):
     scalars = 2 * depth if options["residual_scalars"] else 0
     scalars += min(32, C) + 1 if options.get("smear") else 0  # the smear's gate (32 channels) and its lambda
     scalars += depth * 2 * 4 * C if options.get("canon") else 0  # two Canon layers a block, 4 positions x C channels
-    scalars += depth * C // 2 + C if options.get("norm_gains") else 0  # a gain per rotary pair of the queries, per channel out
     tables = 1 if options.get("tie_embedding") else 2  # the embedding and the lm_head, or one matrix for both
     assert model.num_params() == 12 * depth * C * C + tables * padded * C + n_ve * padded * C + gates + scalars
     short = sum(1 for i in range(depth - 1) if i % 4 != 3) if options["window"] else 0  # windowed layers: 3 in 4, not the last
@@ -50,7 +47,7 @@ def test_parameter_count_and_flops_closed_form(depth, options, head_dim):
 
 @pytest.mark.parametrize("options", [PLAIN, RICH, {**RICH, "tie_embedding": True}], ids=["plain", "every option", "tied"])
 def test_the_optimizers_take_every_parameter_once(options):
-    """Muon the blocks' matrices, AdamW everything else (the blocks' gain vectors included)."""
+    """Muon the blocks' matrices, AdamW everything else."""
     model = make(2, **options)
     adamw, muon = model.setup_optimizers()
     taken = [p for opt in (adamw, muon) for group in opt.param_groups for p in group["params"]]
@@ -166,10 +163,6 @@ def make_live(shape, vocab=1000, seq=64, seed=0, options=RICH):
             model.smear_gate.weight.normal_()
         if model.config.canon:
             model.canon_weights.normal_(std=0.3)
-        if model.config.norm_gains:
-            model.out_gains.uniform_(0.5, 2.0)
-            for block in model.transformer.h:
-                block.attn.q_gains.uniform_(0.5, 2.0)
     return model.eval()
 
 
@@ -177,7 +170,6 @@ def naive_attention(attn, x, cos, sin, window=0, scale=None, key_offset=False):
     """Causal self-attention written head by head: query head h reads key/value head
     h // (n_head / n_kv_head); scores, softmax and the weighted sum spelled out. With a window,
     query i reads keys i - window + 1 .. i. Scores are scaled by 1/sqrt(head_dim) unless `scale` says otherwise.
-    With query gains, both dims of query head h's rotary pair j are scaled by gain (h, j).
     With an attention gate, head h's output is scaled by 2 * sigmoid(x . w_h). With a key offset,
     key i's dims of rotary pairs j >= head_dim / 4 (the slowest half) are key i - 1's (i > 0)."""
     B, T, C = x.shape
@@ -198,8 +190,6 @@ def naive_attention(attn, x, cos, sin, window=0, scale=None, key_offset=False):
     heads = []
     for h in range(attn.n_head):
         qh, kh, vh = q[:, :, h], k[:, :, h // group], v[:, :, h // group]  # (B, T, hd)
-        if attn.q_gains is not None:  # pair j is dims j and j + hd/2
-            qh = qh * attn.q_gains.view(attn.n_head, hd // 2)[h].repeat(2)
         scores = (qh @ kh.transpose(1, 2) * (scale or hd**-0.5)).masked_fill(~causal, float("-inf"))
         out = scores.softmax(-1) @ vh
         if attn.attn_gate is not None:
@@ -217,28 +207,6 @@ def test_attention_matches_a_head_by_head_reference(shape):
         for attn in (block.attn for block in model.transformer.h):  # a windowed layer, then a full one with the key offset
             reference = naive_attention(attn, x, cos, sin, attn.window, key_offset=attn.key_offset)
             assert torch.allclose(attn(x, cos, sin), reference, atol=1e-5)
-
-
-def test_norm_gains_keep_attention_relative_and_scale_the_head():
-    """The query gains (one per head and rotary pair) change attention but leave it a function of
-    the positions' distance: the same tokens 7 positions later attend the same (a gain per dim would
-    break that). The final norm's gains are the lm_head's columns scaled."""
-    model = make_live((4, 2), options={**RICH, "key_offset": False})
-    attn, x = model.transformer.h[1].attn, torch.randn(2, 10, 128)
-    with torch.no_grad():
-        here = attn(x, model.cos[:, :10], model.sin[:, :10])
-        assert torch.allclose(attn(x, model.cos[:, 7:17], model.sin[:, 7:17]), here, atol=1e-5)
-        attn.q_gains.fill_(1.0)
-        assert not torch.allclose(attn(x, model.cos[:, :10], model.sin[:, :10]), here, atol=1e-3)
-    idx = torch.randint(0, 1000, (2, 12))
-    model, plain = make_live(None, options={**PLAIN, "norm_gains": True}), make_live(None, options=PLAIN)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "gains" not in k})
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.q_gains.fill_(1.0)
-        model.out_gains.fill_(1.5)
-        plain.lm_head.weight.mul_(1.5)
-        assert torch.allclose(model(idx), plain(idx), atol=1e-5)
 
 
 def test_key_offset_is_on_the_full_context_layers_and_changes_them():
@@ -510,23 +478,20 @@ def test_canon_layer_against_a_hand_written_convolution():
 
 
 def test_neutral_options_compute_the_plain_model():
-    """Value embeddings of zero, residual weights and norm gains of 1, input-skip and Canon weights
-    of 0 change nothing: the options add to the model, they do not disturb what was there."""
+    """Value embeddings of zero, residual weights of 1, input-skip and Canon weights of 0 change
+    nothing: the options add to the model, they do not disturb what was there."""
     plain, rich = make_live(None, options=PLAIN), make_live(None, options={**RICH, "window": 0.0, "key_offset": False})
     missing = rich.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["canon_weights", "out_gains", "resid_lambdas", "smear_gate.weight", "smear_lambda",
-                               "transformer.h.0.attn.attn_gate.weight", "transformer.h.0.attn.q_gains",
-                               "transformer.h.1.attn.attn_gate.weight", "transformer.h.1.attn.q_gains",
-                               "transformer.h.1.attn.ve_gate.weight", "value_embeds.1.weight", "x0_lambdas"]
+    assert sorted(missing) == ["canon_weights", "resid_lambdas", "smear_gate.weight", "smear_lambda", "transformer.h.0.attn.attn_gate.weight",
+                               "transformer.h.1.attn.attn_gate.weight", "transformer.h.1.attn.ve_gate.weight",
+                               "value_embeds.1.weight", "x0_lambdas"]
     with torch.no_grad():
         rich.value_embeds["1"].weight.zero_()
         rich.x0_lambdas.zero_()
         rich.smear_lambda.zero_()
         rich.canon_weights.zero_()
-        rich.out_gains.fill_(1.0)
         for block in rich.transformer.h:
             block.attn.attn_gate.weight.zero_()  # gates of 1
-            block.attn.q_gains.fill_(1.0)
     idx = torch.randint(0, 1000, (2, 16))
     assert torch.allclose(rich(idx), plain(idx), atol=1e-6)
 

@@ -35,7 +35,7 @@ BASELINE = ["--warmdown_ratio=0.2", "--final_lr_frac=0.0", "--weight_decay=0.0",
             "--rotary_base=10000", "--matrix_lr=0.02", "--embedding_lr=0.2", "--unembedding_lr=0.004",
             "--momentum_warmup=300", "--momentum_cooldown=0.0", "--warmup_ratio=0.0", "--init_scale=1", "--window=0", "--window_stages=1", "--attn_scale=0", "--attn_gate=0",
             "--smear=0", "--key_offset=0", "--head_dim=128", "--packing=bestfit", "--doc_mask=0",
-            "--canon=0", "--tie_embedding=0", "--norm_gains=0"]
+            "--canon=0", "--tie_embedding=0"]
 # The recipe of the fourth round (value embeddings, a longer warmdown, sliding windows), pinned the
 # same way: the fifth round's changes are measured against it.
 VWW = BASELINE + ["--value_embeds=1", "--warmdown_ratio=0.5", "--window=0.25"]
@@ -143,8 +143,6 @@ CONFIGS = {
     "r12_batch_half": ROUND12 + HALF_BATCH + ["--matrix_lr=0.01414", "--embedding_lr=0.1414", "--unembedding_lr=0.00283",
                                               "--scalar_lr=0.01414"],
     "r12_batch_half_same_lrs": ROUND12 + HALF_BATCH,
-    # learned gains on the normed queries (per head and rotary pair) and on the final norm ("selective RMSNorm scales")
-    "r12_norm_gains": ROUND12 + ["--norm_gains=1"],
 }
 
 
