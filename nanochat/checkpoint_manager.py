@@ -7,6 +7,7 @@ Every file is written to a temp name and renamed; meta is written last, so a ste
 exists is complete. Older steps beyond the last `keep` are deleted.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -85,6 +86,10 @@ def load_checkpoint(folder, step, device, rank=0, with_optimizer=True):
 
 def build_model(model_state, meta, device):
     """A GPT with the saved weights (float32 masters; the model computes in its device's dtype), in eval mode."""
+    unknown = sorted(set(meta["model_config"]) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:  # an option that was tried and removed (dev/bench/RESULTS.md)
+        raise ValueError(f"checkpoint's model has options this nanochat does not have ({', '.join(unknown)}); "
+                         "load it with the version that trained it")
     config = GPTConfig(**meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)

@@ -140,6 +140,15 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(pretrain_env):
         load_model("base", "cpu", model_tag="corrupt")
     r = run_module("scripts.base_loss", "--model_tag=corrupt")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint step 1")
+    # a model trained with an option that was later removed
+    assert run_module("scripts.base_train", *TINY, "--num_iterations=1", "--eval_every=0", "--model_tag=removed").returncode == 0
+    meta_path = os.path.join(checkpoint_dir("base", "removed"), "meta_000001.json")
+    meta = json.load(open(meta_path))
+    meta["model_config"]["norm_gains"] = True
+    json.dump(meta, open(meta_path, "w"))
+    r = run_module("scripts.base_loss", "--model_tag=removed")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: checkpoint's model has options this nanochat does not have (norm_gains); load it with the version that trained it")
 
 
 def test_a_fresh_run_never_overwrites_or_prunes_another_runs_checkpoints(pretrain_env):
