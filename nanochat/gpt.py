@@ -394,8 +394,8 @@ class GPT(nn.Module):
                 + ([self.canon_weights] if self.config.canon else []))
 
     def matrices(self):
-        """The blocks' matrices, trained by Muon."""
-        return [p for p in self.transformer.h.parameters() if p.ndim == 2]
+        """The blocks' parameters, all matrices, trained by Muon."""
+        return list(self.transformer.h.parameters())
 
     def estimate_flops(self):
         """FLOPs per token of a training step: 6 per matmul weight (forward + backward) plus the

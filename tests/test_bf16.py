@@ -35,8 +35,8 @@ def test_the_dtype_policy(monkeypatch):
 def gqa_model(vocab, monkeypatch, dtype, seed=0):
     """A 2-layer model with 4 query heads on 2 key/value heads, the recipe's parts (a 16-token
     window on the first layer, value embeddings on the last, attention gates, smear, the key
-    offset, Canon layers) and live output projections, gates and lambdas,
-    identical weights for a given seed whatever its compute dtype."""
+    offset, Canon layers) and live output projections, gates and lambdas, identical weights for a
+    given seed whatever its compute dtype."""
     monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
