@@ -264,7 +264,7 @@ def test_recipe_bench_trains_each_configuration_and_tabulates_them(tmp_path, sha
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "bench" / "recipe_results.jsonl").read_text().splitlines()]
     assert [(row["config"], row["seed"]) for row in rows] == [("baseline", 1), ("baseline", 2), ("value_embeds", 1)]
-    logs = {row["config"]: (tmp_path / "bench" / "recipe_logs" / f"{row['config']}_d1_12_s{row['seed']}.log").read_text()
+    logs = {row["config"]: (tmp_path / "bench" / "recipe_logs" / f"{row['config']}_d1_12_T64x2_s{row['seed']}.log").read_text()
             for row in rows}
     assert "value_embeds=True" in logs["value_embeds"] and "value_embeds=False" in logs["baseline"]  # the flags took
     assert rows[0]["val_bpb"] != rows[1]["val_bpb"]  # the seed changes the run
@@ -277,8 +277,15 @@ def test_recipe_bench_trains_each_configuration_and_tabulates_them(tmp_path, sha
     r = subprocess.run(bench + ["--configs", "baseline", "value_embeds", "vww_batch_x2"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.count("training ") == 1 and "training vww_batch_x2" in r.stdout
-    log = (tmp_path / "bench" / "recipe_logs" / "vww_batch_x2_d1_12_s1.log").read_text()
+    log = (tmp_path / "bench" / "recipe_logs" / "vww_batch_x2_d1_12_T64x2_s1.log").read_text()
     assert "total_batch_size=256," in log and "num_iterations=6," in log and "step 00006/00006" in log
+
+    # Rows of another length are another cell: the baseline trains again there, and its table is its own.
+    r = subprocess.run(bench + ["--seq_len", "32", "--rows", "4", "--configs", "baseline", "--baseline_seeds", "1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.count("training ") == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "max_seq_len=32," in (tmp_path / "bench" / "recipe_logs" / "baseline_d1_12_T32x4_s1.log").read_text()
+    assert "depth 1, 12 steps of 4 x 32 tokens" in r.stdout and "| baseline | 1 |" in r.stdout
 
 
 def test_the_horizon_counts_parameters_without_value_embeddings(pretrain_env):

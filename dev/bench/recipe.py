@@ -183,26 +183,35 @@ def train(env, args, name, depth, steps, seed):
            f"--device_batch_size={args.rows}", f"--total_batch_size={tokens}", f"--num_iterations={steps}",
            f"--seed={seed}", "--eval_every=0", f"--eval_tokens={args.eval_tokens}", "--core_metric_every=-1",
            "--sample_every=-1", "--dry_run=1", "--eval_doc_starts=1", *flags(name, steps, tokens)]
-    text = run(cmd, env, os.path.join(base, "recipe_logs", f"{name}_d{depth}_{steps}_s{seed}.log"))
+    text = run(cmd, env, os.path.join(base, "recipe_logs", f"{name}_d{depth}_{steps}_T{args.seq_len}x{args.rows}_s{seed}.log"))
     bpb = float(re.findall(r"val bpb: ([0-9.]+)", text)[-1])
     doc_starts = float(re.findall(r"val bpb at document starts: ([0-9.]+)", text)[-1])
     dts = [(int(step), float(ms)) for step, ms in re.findall(r"step (\d+)/\d+ .*?dt: ([0-9.]+)ms", text)]
     dts = [ms for step, ms in dts if step > 10] or [ms for _, ms in dts]  # (the first steps warm up)
-    return {"config": name, "depth": depth, "steps": steps, "seed": seed, "flags": flags(name, steps, tokens),
+    return {"config": name, "depth": depth, "steps": steps, "seed": seed, "seq_len": args.seq_len, "rows": args.rows,
+            "flags": flags(name, steps, tokens),
             "val_bpb": bpb, "doc_start_bpb": doc_starts, "step_ms": statistics.median(dts)}
 
 
-def table(rows, depth, steps):
-    """Markdown: one row per configuration (seeds averaged, their spread shown), deltas against the baseline."""
+def cell(row):
+    """The cell a finished row belongs to: (depth, steps, sequence length, rows per step); rows from
+    before the sequence length was recorded are the preset's 8 x 512."""
+    return row["depth"], row["steps"], row.get("seq_len", 512), row.get("rows", 8)
+
+
+def table(rows, key):
+    """Markdown: the cell `key`'s rows, one per configuration (seeds averaged, their spread shown),
+    deltas against the baseline."""
+    depth, steps, seq_len, per_step = key
     by_config = {}
     for r in rows:
-        if r["depth"] == depth and r["steps"] == steps:
+        if cell(r) == key:
             by_config.setdefault(r["config"], []).append(r)
     if not by_config:
         return ""
     mean = lambda rs, k: statistics.mean(r[k] for r in rs)  # noqa: E731
     ref = by_config.get("baseline")
-    lines = [f"depth {depth}, {steps} steps", "",
+    lines = [f"depth {depth}, {steps} steps of {per_step} x {seq_len} tokens", "",
              "| config | seeds | val bpb | seed spread | Δ bpb vs baseline | doc-start bpb | step ms | step time vs baseline |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(by_config.items(), key=lambda kv: mean(kv[1], "val_bpb")):
@@ -254,12 +263,12 @@ def main():
         rows = [r for r in rows if r["config"] not in args.rerun]
         with open(results, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    done = {(r["config"], r["depth"], r["steps"], r["seed"]) for r in rows}
+    done = {(r["config"], r["seed"], *cell(r)) for r in rows}
     for depth in args.depths:
         for steps in args.steps:
             for name in args.configs:
                 for seed in args.baseline_seeds if name == "baseline" else args.seeds:
-                    if (name, depth, steps, seed) in done:
+                    if (name, seed, depth, steps, args.seq_len, args.rows) in done:
                         continue
                     print(f"training {name} (depth {depth}, {steps} steps, seed {seed}) ...", flush=True)
                     row = train(env, args, name, depth, steps, seed)
@@ -270,7 +279,7 @@ def main():
     print(f"\n{args.rows * args.seq_len} tokens per step, vocab {args.vocab}, val: {args.eval_tokens:,} tokens of whole documents\n")
     for depth in args.depths:
         for steps in args.steps:
-            print(table(rows, depth, steps))
+            print(table(rows, (depth, steps, args.seq_len, args.rows)))
 
 
 if __name__ == "__main__":
