@@ -134,6 +134,7 @@ CONFIGS = {
     "r12_tie_embedding": ROUND12 + ["--tie_embedding=1"],  # the lm_head's rows are the token embedding too
     "r12_window_0.0625": ROUND12 + ["--window=0.0625"],  # 32 tokens of 512: do rows in reading order move the best window?
     "r12_window_0.25": ROUND12 + ["--window=0.25"],  # at 2048-token rows (--seq_len=2048 --rows=2): 512 tokens
+    "r12_window_0.03125": ROUND12 + ["--window=0.03125"],  # 64 tokens of 2048: the preset's window in tokens
     "r12_residual_scalars": ROUND12 + ["--residual_scalars=1"],  # learned residual and x0 scalars on today's recipe
     "r12_muoneq_r": ROUND12 + ["--equilibrate_rows=1"],  # MuonEq-R: the momentum's rows at unit norm before Newton–Schulz
     # windows that grow over the run (after modded-nanogpt): a sixteenth's head start, then the longer window
