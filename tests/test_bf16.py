@@ -32,15 +32,16 @@ def test_the_dtype_policy(monkeypatch):
         compute_dtype("cpu")
 
 
-def gqa_model(vocab, monkeypatch, dtype, seed=0):
+def gqa_model(vocab, monkeypatch, dtype, doc_token, seed=0):
     """A 2-layer model with 4 query heads on 2 key/value heads, the recipe's parts (a 16-token
     window on the first layer, value embeddings on the last, attention gates, smear, the key
-    offset, Canon layers) and live output projections, gates and lambdas, identical weights for a
-    given seed whatever its compute dtype."""
+    offset, Canon layers, documents that begin at doc_token) and live output projections, gates
+    and lambdas, identical weights for a given seed whatever its compute dtype."""
     monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
-                          value_embeds=True, window=0.25, attn_gate=True, smear=True, key_offset=True, canon=True))
+                          value_embeds=True, window=0.25, attn_gate=True, smear=True, key_offset=True, canon=True,
+                          doc_token=doc_token))
     model.init_weights()
     with torch.no_grad():
         model.lm_head.weight.normal_(std=0.1)
@@ -57,13 +58,14 @@ def gqa_model(vocab, monkeypatch, dtype, seed=0):
 
 
 def test_bf16_forward_and_backward_track_float32(monkeypatch):
-    reference, model = gqa_model(512, monkeypatch, "float32"), gqa_model(512, monkeypatch, "bfloat16")
+    reference, model = gqa_model(512, monkeypatch, "float32", 0), gqa_model(512, monkeypatch, "bfloat16", 0)
     assert model.compute_dtype == torch.bfloat16
     seen = set()
     for module in model.modules():
         if isinstance(module, Linear):
             module.register_forward_hook(lambda mod, args, out: seen.add((args[0].dtype, out.dtype)))
-    x, y = torch.randint(0, 512, (3, 40)), torch.randint(0, 512, (3, 40))
+    x, y = torch.randint(1, 512, (3, 40)), torch.randint(0, 512, (3, 40))
+    x[:, [0, 13, 31]] = 0  # three documents a row
     loss, ref_loss = model(x, y), reference(x, y)
     assert seen == {(torch.bfloat16, torch.bfloat16)}  # every matmul ran in bf16
     assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss.item()) < 0.01
@@ -79,7 +81,7 @@ def test_bf16_forward_and_backward_track_float32(monkeypatch):
 
 def test_bf16_engine_decodes_batches_with_a_bf16_cache(chat_env, monkeypatch):
     tok = get_tokenizer()
-    model = gqa_model(tok.get_vocab_size(), monkeypatch, "bfloat16").eval()
+    model = gqa_model(tok.get_vocab_size(), monkeypatch, "bfloat16", tok.get_bos_token_id()).eval()
     engine = Engine(model, tok)
     cache, _ = engine._decoder(1, 3, 8, 4)
     assert cache.prompt_k.dtype == cache.reply_k.dtype == torch.bfloat16
