@@ -264,12 +264,13 @@ def main():
         rows = [r for r in rows if r["config"] not in args.rerun]
         with open(results, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    done = {(r["config"], r["seed"], *cell(r)) for r in rows}
+    done = {(r["config"], r["seed"], cell(r)) for r in rows}
     for depth in args.depths:
         for steps in args.steps:
+            key = (depth, steps, args.seq_len, args.rows)
             for name in args.configs:
                 for seed in args.baseline_seeds if name == "baseline" else args.seeds:
-                    if (name, seed, depth, steps, args.seq_len, args.rows) in done:
+                    if (name, seed, key) in done:
                         continue
                     print(f"training {name} (depth {depth}, {steps} steps, seed {seed}) ...", flush=True)
                     row = train(env, args, name, depth, steps, seed)
