@@ -123,6 +123,12 @@ def compute_init(device_type=None, seed=42):
         torch.backends.cudnn.allow_tf32 = True
 
     is_ddp, rank, local_rank, world_size = get_dist_info()
+    if is_ddp:
+        # Before the group exists: torch.distributed.nn.functional binds the default group as its
+        # functions' default arguments when first imported (torch.optim imports it, through dynamo),
+        # and that reference would keep the group, and gloo's threads, alive past
+        # destroy_process_group into interpreter exit, where their teardown can abort.
+        import torch.distributed.nn  # noqa: F401
     if is_ddp and device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -139,9 +145,9 @@ def compute_init(device_type=None, seed=42):
 
 
 def compute_cleanup():
-    """Tear down the process group if compute_init made one. Ranks wait for each other first: one
-    tearing down gloo while another still talks to it can abort ("terminate called without an
-    active exception"), as chat_eval once did in CI."""
+    """Tear down the process group if compute_init made one (its gloo threads are joined here, not
+    at interpreter exit: see compute_init). Ranks wait for each other first: one tearing down gloo
+    while another still talks to it can abort ("terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

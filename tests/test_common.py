@@ -23,7 +23,7 @@ def test_dummy_wandb_accepts_anything():
 def test_torchrun_two_ranks_on_gloo(tmp_path):
     script = tmp_path / "ddp_probe.py"
     script.write_text(textwrap.dedent("""
-        import torch, torch.distributed as dist
+        import os, torch, torch.distributed as dist
         from nanochat.common import compute_init, compute_cleanup, print0
         is_ddp, rank, local_rank, world_size, device = compute_init("cpu")
         x = torch.tensor([rank + 1.0])
@@ -34,7 +34,11 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
         print(f"rank={rank} world={world_size} ddp={is_ddp} device={device} sum={x.item()} "
               f"same_init={all(torch.equal(g, w) for g in gathered)}", flush=True)
         print0(f"print0 from rank {rank}")
+        torch.optim.SGD([w.requires_grad_()], lr=0.1)  # imports torch.distributed.nn, as every trainer does
         compute_cleanup()
+        # gloo's worker threads are joined now, not left to interpreter exit (where they can abort)
+        gloo = [t for t in os.listdir("/proc/self/task") if "gloo" in open(f"/proc/self/task/{t}/comm").read()]
+        print(f"rank={rank} gloo threads after cleanup: {len(gloo)}", flush=True)
     """))
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
@@ -43,6 +47,7 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
     assert r.returncode == 0, r.stderr
     for rank in (0, 1):
         assert f"rank={rank} world=2 ddp=True device=cpu sum=3.0 same_init=True" in r.stdout
+        assert f"rank={rank} gloo threads after cleanup: 0" in r.stdout
     assert "print0 from rank 0" in r.stdout and "print0 from rank 1" not in r.stdout
 
 
