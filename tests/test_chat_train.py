@@ -226,6 +226,8 @@ def test_stage_trains_chats_evaluates_and_resumes(stages_env, stage):
     straight = run_module(module, *flags, "--num_iterations=4", "--save_every=2", env=stages_env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "saved checkpoint at step 4" in straight.stdout
+    if stage == "mid":  # base training's schedule (RESULTS.md, "Midtraining's schedule")
+        assert "warmdown_ratio=0.5," in straight.stdout and "momentum_cooldown=0.5," in straight.stdout
     losses = logged_losses(straight.stdout)
     assert len(losses) == 4
 
