@@ -39,6 +39,38 @@ def make_parser(description, prog=None):
     return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False, formatter_class=_HelpWithDefaults)
 
 
+def int_flag(low, *special):
+    """A flag type: an integer >= low, or one of the `special` values (e.g. -1 = "the default"). A
+    value out of range is argparse's one-line error, not a traceback (or a run) much later."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low and value not in special:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}{''.join(f' or {s}' for s in special)}, got {value}")
+        return value
+
+    return parse
+
+
+def float_flag(low, high=float("inf")):
+    """A flag type: a number between low and high, both included."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:  # (NaN fails this too)
+            bounds = f">= {low}" if high == float("inf") else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
+        return value
+
+    return parse
+
+
 def print0(*args, **kwargs):
     """print, but only on rank 0, so 8 ranks don't print everything 8 times."""
     if get_rank() == 0:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import checkpoint_dir, load_checkpoint, save_checkpoint, saved_steps
-from nanochat.common import DummyWandb, get_dist_info, print0
+from nanochat.common import DummyWandb, float_flag, get_dist_info, int_flag, print0
 from nanochat.optim import step_optimizers
 from nanochat.report import get_report
 
@@ -53,28 +53,28 @@ def add_common_flags(parser, *, device_batch_size, eval_every, init_lr_frac=1.0,
                    help=f"sequences per rank per forward/backward; auto: the largest that fits on a CUDA GPU, "
                         f"{device_batch_size} elsewhere (gradient accumulation makes up the rest of the step)")
     parser.set_defaults(device_batch_size_off_cuda=device_batch_size)
-    g.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: the stage's natural length)")
-    g.add_argument("--embedding_lr", type=float, default=0.2, help="AdamW LR of the token and value embeddings (at width 768)")
-    g.add_argument("--unembedding_lr", type=float, default=0.004, help="AdamW LR of the lm_head (at width 768)")
-    g.add_argument("--matrix_lr", type=float, default=0.02, help="Muon LR of the blocks' matrices")
-    g.add_argument("--scalar_lr", type=float, default=0.02, help="AdamW LR of the small parameters outside the blocks (residual scalars, smear)")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the embeddings and lm_head")
-    g.add_argument("--matrix_weight_decay", type=float, default=0.0, help="Muon's cautious weight decay (times the LR)")
+    g.add_argument("--num_iterations", type=int_flag(1, -1), default=-1, help="optimizer steps (-1: the stage's natural length)")
+    g.add_argument("--embedding_lr", type=float_flag(0), default=0.2, help="AdamW LR of the token and value embeddings (at width 768)")
+    g.add_argument("--unembedding_lr", type=float_flag(0), default=0.004, help="AdamW LR of the lm_head (at width 768)")
+    g.add_argument("--matrix_lr", type=float_flag(0), default=0.02, help="Muon LR of the blocks' matrices")
+    g.add_argument("--scalar_lr", type=float_flag(0), default=0.02, help="AdamW LR of the small parameters outside the blocks (residual scalars, smear)")
+    g.add_argument("--weight_decay", type=float_flag(0), default=0.0, help="AdamW weight decay of the embeddings and lm_head")
+    g.add_argument("--matrix_weight_decay", type=float_flag(0), default=0.0, help="Muon's cautious weight decay (times the LR)")
     g.add_argument("--newton_schulz", choices=["classic", "polar"], default="classic", help="Muon's orthogonalization")
     g.add_argument("--equilibrate_rows", type=int, choices=[0, 1], default=0,
                    help="1 = MuonEq-R: each row of Muon's momentum at unit norm before orthogonalizing")
-    g.add_argument("--normuon_beta2", type=float, default=0.0, help="NorMuon's per-row normalization EMA (0 = off)")
-    g.add_argument("--momentum_warmup", type=int, default=300, help="steps over which Muon's momentum ramps from 0.85 to 0.95")
-    g.add_argument("--momentum_cooldown", type=float, default=momentum_cooldown,
+    g.add_argument("--normuon_beta2", type=float_flag(0, 1), default=0.0, help="NorMuon's per-row normalization EMA (0 = off)")
+    g.add_argument("--momentum_warmup", type=int_flag(0), default=300, help="steps over which Muon's momentum ramps from 0.85 to 0.95")
+    g.add_argument("--momentum_cooldown", type=float_flag(0, 1), default=momentum_cooldown,
                    help="fraction of the steps at the end over which Muon's momentum ramps back down to 0.85")
-    g.add_argument("--init_lr_frac", type=float, default=init_lr_frac, help="start at this fraction of the LRs above")
-    g.add_argument("--warmup_ratio", type=float, default=warmup_ratio, help="fraction of the steps that ramp the LRs up")
-    g.add_argument("--warmdown_ratio", type=float, default=warmdown_ratio, help="fraction of the steps that ramp the LRs down at the end")
-    g.add_argument("--final_lr_frac", type=float, default=final_lr_frac, help="the LRs at the last step, as a fraction of their peak")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    g.add_argument("--eval_every", type=int, default=eval_every, help="evaluate every N steps (0 = only at the end)")
-    g.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    g.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--init_lr_frac", type=float_flag(0), default=init_lr_frac, help="start at this fraction of the LRs above")
+    g.add_argument("--warmup_ratio", type=float_flag(0, 1), default=warmup_ratio, help="fraction of the steps that ramp the LRs up")
+    g.add_argument("--warmdown_ratio", type=float_flag(0, 1), default=warmdown_ratio, help="fraction of the steps that ramp the LRs down at the end")
+    g.add_argument("--final_lr_frac", type=float_flag(0, 1), default=final_lr_frac, help="the LRs at the last step, as a fraction of their peak")
+    g.add_argument("--grad_clip", type=float_flag(0), default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--eval_every", type=int_flag(-1), default=eval_every, help="evaluate every N steps (0 = only at the end)")
+    g.add_argument("--save_every", type=int_flag(1, -1), default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    g.add_argument("--keep_checkpoints", type=int_flag(1), default=2, help="how many recent checkpoints to keep")
     g.add_argument("--resume", default="", help="'auto' = the latest checkpoint of this model tag if any, or a step number")
     g.add_argument("--model_tag", default=None, help="checkpoint folder name (default: the source's, or d<depth>)")
     g.add_argument("--dry_run", type=int, default=0, help="1 = train and evaluate, but write no checkpoint or report")

@@ -9,7 +9,7 @@ import csv
 import os
 
 from nanochat.checkpoint_manager import find_model_tag, load_model
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, make_parser, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, int_flag, make_parser, print0, setup_default_logging
 from nanochat.core_eval import evaluate_core
 from nanochat.download import DownloadError
 from nanochat.report import get_report
@@ -19,7 +19,7 @@ parser = make_parser(description="Evaluate the CORE metric.")
 parser.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default="base", help="the stage whose model to evaluate")
 parser.add_argument("-g", "--model_tag", default=None, help="default: the newest of the source")
 parser.add_argument("-s", "--step", type=int, default=None, help="default: the last saved step")
-parser.add_argument("--max_per_task", type=int, default=-1, help="items per task (-1 = all)")
+parser.add_argument("--max_per_task", type=int_flag(1, -1), default=-1, help="items per task (-1 = all)")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
 
 

@@ -7,7 +7,7 @@ Bits per byte of a base model on the train and val splits, plus a few greedy sam
 
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, int_flag, make_parser, print0, setup_default_logging
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import EVAL_LOADER_KWARGS, evaluate_bpb
 from nanochat.report import get_report
@@ -16,8 +16,8 @@ from nanochat.training import parse_args
 
 parser = make_parser(description="Evaluate a base model's bits per byte.")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
-parser.add_argument("--device_batch_size", type=int, default=8, help="sequences per rank per forward (the tokens evaluated do not depend on it)")
-parser.add_argument("--split_tokens", type=int, default=-1, help="tokens per split (-1: the --eval_tokens training used)")
+parser.add_argument("--device_batch_size", type=int_flag(1), default=8, help="sequences per rank per forward (the tokens evaluated do not depend on it)")
+parser.add_argument("--split_tokens", type=int_flag(1, -1), default=-1, help="tokens per split (-1: the --eval_tokens training used)")
 parser.add_argument("--model_tag", default=None, help="default: the newest base model")
 parser.add_argument("--step", type=int, default=None, help="default: the last saved step")
 

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, float_flag, int_flag, make_parser, print0, setup_default_logging
 from nanochat.core_eval import eval_bundle_dir, evaluate_core
 from nanochat.dataloader import PACKINGS, cropped_fraction, tokenizing_distributed_data_loader
 from nanochat.download import DownloadError
@@ -22,19 +22,19 @@ from nanochat.training import Trainer, add_common_flags, parse_args
 
 parser = make_parser(description="Pretrain the GPT.")
 add_common_flags(parser, device_batch_size=32, eval_every=250, warmdown_ratio=0.5, momentum_cooldown=0.5)  # dev/bench/recipe.py
-parser.add_argument("--depth", type=int, default=20, help="layers; width = 64 * depth")
-parser.add_argument("--max_seq_len", type=int, default=2048, help="context length of training rows, in tokens")
+parser.add_argument("--depth", type=int_flag(1), default=20, help="layers; width = 64 * depth")
+parser.add_argument("--max_seq_len", type=int_flag(1), default=2048, help="context length of training rows, in tokens")
 parser.add_argument("--seed", type=int, default=42, help="initial weights' seed (the data order is fixed)")
 m = parser.add_argument_group("model options (default: the recipe's, nanochat.gpt.RECIPE)")
-m.add_argument("--head_dim", type=int, default=128, help="attention head size (heads = width / head_dim)")
+m.add_argument("--head_dim", type=int_flag(1), default=128, help="attention head size (heads = width / head_dim)")
 m.add_argument("--value_embeds", type=int, choices=[0, 1], default=None, help="gated value embeddings on every other layer")
 m.add_argument("--residual_scalars", type=int, choices=[0, 1], default=None, help="learned per-layer residual and input-skip weights")
-m.add_argument("--softcap", type=float, default=None, help="logit soft cap")
-m.add_argument("--rotary_base", type=float, default=None, help="rotary embedding base")
-m.add_argument("--window", type=float, default=None, help="sliding attention window of three layers in four, a fraction of max_seq_len (0 = off)")
-m.add_argument("--window_stages", type=int, default=1,
+m.add_argument("--softcap", type=float_flag(0), default=None, help="logit soft cap")
+m.add_argument("--rotary_base", type=float_flag(1), default=None, help="rotary embedding base")
+m.add_argument("--window", type=float_flag(0, 1), default=None, help="sliding attention window of three layers in four, a fraction of max_seq_len (0 = off)")
+m.add_argument("--window_stages", type=int_flag(1), default=1,
                help="the window grows over the run: --window / 2^(stages - 1) at first, doubling at even intervals (1 = --window throughout)")
-m.add_argument("--attn_scale", type=float, default=None, help="scale of the attention scores (0 = 1/sqrt(head_dim))")
+m.add_argument("--attn_scale", type=float_flag(0), default=None, help="scale of the attention scores (0 = 1/sqrt(head_dim))")
 m.add_argument("--attn_gate", type=int, choices=[0, 1], default=None, help="a learned gate per head on attention's output")
 m.add_argument("--smear", type=int, choices=[0, 1], default=None, help="mix a gated share of the previous token's embedding into each token's")
 m.add_argument("--key_offset", type=int, choices=[0, 1], default=None, help="full-context layers' keys read half their dims a token back")
@@ -42,20 +42,20 @@ m.add_argument("--canon", type=int, choices=[0, 1], default=None, help="Canon la
 m.add_argument("--tie_embedding", type=int, choices=[0, 1], default=None, help="1 = the lm_head's rows are the token embedding too (AdamW at the unembedding LR)")
 m.add_argument("--doc_mask", type=int, choices=[0, 1], default=0, help="1 = attention, smear, key offset and Canon layers stay inside each document (BOS to BOS)")
 MODEL_OPTIONS = ("value_embeds", "residual_scalars", "softcap", "rotary_base", "window", "attn_scale", "attn_gate", "smear", "key_offset", "canon", "tie_embedding")
-parser.add_argument("--init_scale", type=float, default=1.0, help="initial std of the blocks' input matrices, times 1/sqrt(width)")
+parser.add_argument("--init_scale", type=float_flag(0), default=1.0, help="initial std of the blocks' input matrices, times 1/sqrt(width)")
 parser.add_argument("--fp8", type=int, choices=[0, 1], default=0, help="1 = the blocks' training matmuls in float8 (GPUs with compute capability 8.9+)")
 parser.add_argument("--packing", choices=PACKINGS, default="bestfit", help="how documents fill training rows (nanochat.dataloader)")
-parser.add_argument("--total_batch_size", type=int, default=-1,
+parser.add_argument("--total_batch_size", type=int_flag(1, -1), default=-1,
                     help="tokens per optimizer step (-1: by the batch rule, see batch_rule; 524288 at depth 20)")
 # horizon when --num_iterations is not set: the first of these that is set
 parser.add_argument("--target_flops", type=float, default=-1.0, help="training FLOPs budget")
 parser.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens per parameter, value embeddings not counted (Chinchilla: 20)")
-parser.add_argument("--eval_tokens", type=int, default=-1, help="val tokens per evaluation (-1: 20 x total_batch_size)")
+parser.add_argument("--eval_tokens", type=int_flag(1, -1), default=-1, help="val tokens per evaluation (-1: 20 x total_batch_size)")
 parser.add_argument("--eval_doc_starts", type=int, choices=[0, 1], default=0,
                     help="1 = at the end, also score val rows packed best-fit (mostly each document's first tokens)")
-parser.add_argument("--core_metric_every", type=int, default=2000, help="CORE every N steps (-1 = never; the full one is scripts.base_eval)")
-parser.add_argument("--core_metric_max_per_task", type=int, default=500, help="items per CORE task during training")
-parser.add_argument("--sample_every", type=int, default=2000, help="greedy samples every N steps (0 = only at the end)")
+parser.add_argument("--core_metric_every", type=int_flag(-1), default=2000, help="CORE every N steps (-1 = never; the full one is scripts.base_eval)")
+parser.add_argument("--core_metric_max_per_task", type=int_flag(1, -1), default=500, help="items per CORE task during training")
+parser.add_argument("--sample_every", type=int_flag(-1), default=2000, help="greedy samples every N steps (0 = only at the end)")
 
 SAMPLE_PROMPTS = [
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -106,8 +106,6 @@ def horizon(args, num_params, flops_per_token):
 
 def main():
     args = parse_args(parser)
-    if args.window_stages < 1:
-        raise SystemExit(f"error: --window_stages={args.window_stages}: the window needs 1 stage at least (1 = no schedule)")
     setup_default_logging()
     _, rank, _, world_size, device = compute_init(args.device_type, seed=args.seed)
     if args.fp8 and not fp8_supported(device):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from nanochat.chat import sample_replies
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, int_flag, make_parser, print0, setup_default_logging
 from nanochat.download import DownloadError
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -50,7 +50,7 @@ parser.add_argument("-b", "--batch_size", type=int, default=8, help="questions p
 parser.add_argument("--sample_batch_size", type=int, default=256, help="rows sampled at once, problems x samples (generative tasks)")
 parser.add_argument("-g", "--model_tag", default=None, help="checkpoint folder (default: the largest model of the stage)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
-parser.add_argument("-x", "--max_problems", type=int, default=None, help="evaluate at most this many problems per task")
+parser.add_argument("-x", "--max_problems", type=int_flag(1), default=None, help="evaluate at most this many problems per task")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from nanochat.chat import sample_replies
 from nanochat.chat_batches import masked_rows
 from nanochat.checkpoint_manager import find_model_tag, load_model
-from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, float_flag, int_flag, make_parser, print0, setup_default_logging
 from nanochat.download import DownloadError
 from nanochat.engine import Engine
 from nanochat.training import Trainer, add_common_flags, parse_args
@@ -26,14 +26,14 @@ from tasks.gsm8k import GSM8K
 
 parser = make_parser(description="Improve a chat model on GSM8K by reinforcement learning.")
 add_common_flags(parser, device_batch_size=8, eval_every=60, source="sft", init_lr_frac=0.05, warmdown_ratio=1.0)
-parser.add_argument("--examples_per_step", type=int, default=16, help="problems per step (all ranks)")
-parser.add_argument("--num_samples", type=int, default=16, help="answers sampled per problem")
-parser.add_argument("--max_new_tokens", type=int, default=256, help="longest sampled answer, in tokens")
-parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-parser.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens")
-parser.add_argument("--eval_examples", type=int, default=400, help="GSM8K test problems per evaluation")
-parser.add_argument("--eval_k", type=int, default=4, help="samples per problem for pass@k")
-parser.add_argument("--rollout_batch_size", type=int, default=-1,
+parser.add_argument("--examples_per_step", type=int_flag(1), default=16, help="problems per step (all ranks)")
+parser.add_argument("--num_samples", type=int_flag(1), default=16, help="answers sampled per problem")
+parser.add_argument("--max_new_tokens", type=int_flag(1), default=256, help="longest sampled answer, in tokens")
+parser.add_argument("--temperature", type=float_flag(0), default=1.0, help="sampling temperature of the rollouts")
+parser.add_argument("--top_k", type=int_flag(1), default=50, help="sample among the k most likely tokens")
+parser.add_argument("--eval_examples", type=int_flag(1), default=400, help="GSM8K test problems per evaluation")
+parser.add_argument("--eval_k", type=int_flag(1), default=4, help="samples per problem for pass@k")
+parser.add_argument("--rollout_batch_size", type=int_flag(1, -1), default=-1,
                     help="rows (problems x samples) the engine samples at once (-1: a rank's rows of one step)")
 
 
@@ -90,9 +90,8 @@ def main():
     args = parse_args(parser)
     setup_default_logging()
     _, rank, _, world_size, device = compute_init(args.device_type)
-    if args.examples_per_step % world_size or args.num_samples < 1 or args.eval_k < 1:
-        raise SystemExit(f"error: --examples_per_step={args.examples_per_step} must split evenly over {world_size} ranks, "
-                         "and --num_samples and --eval_k be >= 1")
+    if args.examples_per_step % world_size:
+        raise SystemExit(f"error: --examples_per_step={args.examples_per_step} must split evenly over {world_size} ranks")
     try:
         model_tag = args.model_tag or find_model_tag(args.source)
         model, tokenizer, _ = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.source_step)

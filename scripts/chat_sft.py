@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from nanochat.chat_batches import sft_batch
 from nanochat.checkpoint_manager import find_model_tag, load_model
-from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, int_flag, make_parser, print0, setup_default_logging
 from nanochat.download import DownloadError
 from nanochat.engine import Engine
 from nanochat.training import Trainer, add_common_flags, parse_args
@@ -28,12 +28,12 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 parser = make_parser(description="Finetune a chat model on conversations.")
 add_common_flags(parser, device_batch_size=4, eval_every=100, source="mid", init_lr_frac=0.02, warmdown_ratio=1.0)
-parser.add_argument("--examples_per_step", type=int, default=32, help="conversations per optimizer step (all ranks)")
-parser.add_argument("--max_seq_len", type=int, default=-1, help="longest row (-1: the model's)")
-parser.add_argument("--eval_conversations", type=int, default=256, help="SmolTalk test conversations for the val loss")
-parser.add_argument("--eval_max_problems", type=int, default=1024, help="MMLU / ARC-Easy questions per evaluation")
+parser.add_argument("--examples_per_step", type=int_flag(1), default=32, help="conversations per optimizer step (all ranks)")
+parser.add_argument("--max_seq_len", type=int_flag(1, -1), default=-1, help="longest row (-1: the model's)")
+parser.add_argument("--eval_conversations", type=int_flag(1), default=256, help="SmolTalk test conversations for the val loss")
+parser.add_argument("--eval_max_problems", type=int_flag(1), default=1024, help="MMLU / ARC-Easy questions per evaluation")
 parser.add_argument("--identity_file", default=IDENTITY_CONVERSATIONS, help="JSON-lines conversations that teach the model who it is")
-parser.add_argument("--smoltalk_size", type=int, default=10_000, help="SmolTalk conversations in the mixture")
+parser.add_argument("--smoltalk_size", type=int_flag(0), default=10_000, help="SmolTalk conversations in the mixture")
 parser.add_argument("--exclude", default="", help="comma-separated parts of the mixture to leave out (e.g. ARC-Challenge)")
 
 PARTS = {

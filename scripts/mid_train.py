@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from nanochat.chat_batches import ConversationPacker, packed_batch
 from nanochat.checkpoint_manager import find_model_tag, load_model
-from nanochat.common import compute_cleanup, compute_init, make_parser, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, int_flag, make_parser, print0, setup_default_logging
 from nanochat.download import DownloadError
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -28,12 +28,12 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee
 parser = make_parser(description="Midtrain a base model on conversations.")
 # base_train's schedule: -0.012 val bpb on the chat mixture (dev/bench/RESULTS.md, "Midtraining's schedule")
 add_common_flags(parser, device_batch_size=32, eval_every=150, source="base", warmdown_ratio=0.5, momentum_cooldown=0.5)
-parser.add_argument("--max_seq_len", type=int, default=-1, help="row length (-1: the model's)")
-parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
-parser.add_argument("--eval_tokens", type=int, default=-1, help="val tokens per evaluation (-1: 20 x total_batch_size)")
+parser.add_argument("--max_seq_len", type=int_flag(1, -1), default=-1, help="row length (-1: the model's)")
+parser.add_argument("--total_batch_size", type=int_flag(1), default=524288, help="tokens per optimizer step")
+parser.add_argument("--eval_tokens", type=int_flag(1, -1), default=-1, help="val tokens per evaluation (-1: 20 x total_batch_size)")
 parser.add_argument("--identity_file", default=IDENTITY_CONVERSATIONS, help="JSONL of conversations about the assistant itself")
-parser.add_argument("--simple_spelling_size", type=int, default=200_000, help="spelling examples in the mixture")
-parser.add_argument("--spelling_bee_size", type=int, default=80_000, help="letter-counting examples in the mixture")
+parser.add_argument("--simple_spelling_size", type=int_flag(0), default=200_000, help="spelling examples in the mixture")
+parser.add_argument("--spelling_bee_size", type=int_flag(0), default=80_000, help="letter-counting examples in the mixture")
 
 
 def train_mixture(args):
