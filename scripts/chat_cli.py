@@ -13,7 +13,7 @@ import random
 import sys
 
 from nanochat.chat import ReplyStream, load_chat_model, model_label, reply_budget, stream_reply
-from nanochat.common import autodetect_device_type, make_parser
+from nanochat.common import autodetect_device_type, float_flag, int_flag, make_parser
 from nanochat.training import parse_args
 
 parser = make_parser(description="Chat with a trained model in the terminal.")
@@ -22,9 +22,9 @@ parser.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], defa
 parser.add_argument("-g", "--model_tag", default=None, help="checkpoint folder (default: the newest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("-p", "--prompt", default="", help="answer this once and exit")
-parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")
-parser.add_argument("-m", "--max_tokens", type=int, default=512, help="longest answer, in tokens")
+parser.add_argument("-t", "--temperature", type=float_flag(0, 2), default=0.6, help="sampling temperature (0 = greedy)")
+parser.add_argument("-k", "--top_k", type=int_flag(1), default=50, help="sample among the k most likely tokens")
+parser.add_argument("-m", "--max_tokens", type=int_flag(1), default=512, help="longest answer, in tokens")
 parser.add_argument("--device_type", default=None, help="cuda|mps|cpu (default: autodetect)")
 
 
@@ -127,8 +127,6 @@ def repl(conversation, args):
 
 def main():
     args = parse_args(parser)
-    if not 0 <= args.temperature <= 2 or args.top_k < 1 or args.max_tokens < 1:
-        parser.error("need 0 <= --temperature <= 2, --top_k >= 1 and --max_tokens >= 1")
     try:
         engine, meta, source = load_chat_model(args.source, args.device_type or autodetect_device_type(),
                                                args.model_tag, args.step)

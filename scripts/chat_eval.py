@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from nanochat.chat import sample_replies
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, int_flag, make_parser, print0, setup_default_logging
+from nanochat.common import compute_cleanup, compute_init, float_flag, int_flag, make_parser, print0, setup_default_logging
 from nanochat.download import DownloadError
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -42,12 +42,12 @@ TASKS = {
 parser = make_parser(description="Evaluate a chat model on the chat tasks.")
 parser.add_argument("-i", "--source", choices=["base", "mid", "sft", "rl"], default="sft", help="the stage whose model to evaluate")
 parser.add_argument("-a", "--task_name", default=None, help=f"'|'-separated, from {'|'.join(TASKS)} (default: all)")
-parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature of generative tasks (0 = greedy)")
-parser.add_argument("-m", "--max_new_tokens", type=int, default=512, help="longest answer of generative tasks, in tokens")
-parser.add_argument("-n", "--num_samples", type=int, default=1, help="answers per problem (pass@n)")
-parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")
-parser.add_argument("-b", "--batch_size", type=int, default=8, help="questions per forward (categorical tasks)")
-parser.add_argument("--sample_batch_size", type=int, default=256, help="rows sampled at once, problems x samples (generative tasks)")
+parser.add_argument("-t", "--temperature", type=float_flag(0), default=0.0, help="sampling temperature of generative tasks (0 = greedy)")
+parser.add_argument("-m", "--max_new_tokens", type=int_flag(1), default=512, help="longest answer of generative tasks, in tokens")
+parser.add_argument("-n", "--num_samples", type=int_flag(1), default=1, help="answers per problem (pass@n)")
+parser.add_argument("-k", "--top_k", type=int_flag(1), default=50, help="sample among the k most likely tokens")
+parser.add_argument("-b", "--batch_size", type=int_flag(1), default=8, help="questions per forward (categorical tasks)")
+parser.add_argument("--sample_batch_size", type=int_flag(1), default=256, help="rows sampled at once, problems x samples (generative tasks)")
 parser.add_argument("-g", "--model_tag", default=None, help="checkpoint folder (default: the largest model of the stage)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("-x", "--max_problems", type=int_flag(1), default=None, help="evaluate at most this many problems per task")
@@ -111,8 +111,6 @@ def main():
     names = args.task_name.split("|") if args.task_name else list(TASKS)
     if unknown := [n for n in names if n not in TASKS]:
         parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(TASKS)}")
-    if min(args.num_samples, args.batch_size, args.max_new_tokens, args.sample_batch_size) < 1 or args.temperature < 0:
-        parser.error("need -n, -b, -m, --sample_batch_size >= 1 and -t >= 0")
     _, rank, _, world_size, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)

@@ -10,14 +10,14 @@ import time
 
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir, make_parser
+from nanochat.common import get_base_dir, int_flag, make_parser
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer
 
 parser = make_parser(description="Train the BPE tokenizer on the pretraining shards.")
-parser.add_argument("--max_chars", type=int, default=2_000_000_000, help="characters of training text to use")
-parser.add_argument("--doc_cap", type=int, default=10_000, help="use at most this many characters of each document")
+parser.add_argument("--max_chars", type=int_flag(1), default=2_000_000_000, help="characters of training text to use")
+parser.add_argument("--doc_cap", type=int_flag(1), default=10_000, help="use at most this many characters of each document")
 parser.add_argument("--vocab_size", type=int, default=65536, help="vocabulary size, special tokens included")
 
 
@@ -39,8 +39,6 @@ def text_iterator(batches, max_chars, doc_cap, bar):
 
 def main():
     args = parser.parse_args()
-    if args.max_chars < 1 or args.doc_cap < 1:
-        parser.error("--max_chars and --doc_cap must be positive")
     print(f"config: {vars(args)}")
     try:
         batches = parquets_iter_batched(split="train")

@@ -47,12 +47,15 @@ def test_help_describes_every_flag_and_shows_its_default(module):
     ("scripts.mid_train", "--num_iterations", "0", "expected an integer >= 1 or -1, got 0"),
     ("scripts.chat_sft", "--examples_per_step", "-4", "expected an integer >= 1, got -4"),
     ("scripts.chat_rl", "--num_samples", "0", "expected an integer >= 1, got 0"),
+    ("scripts.chat_cli", "-t/--temperature", "3", "expected a number from 0 to 2, got 3"),
+    ("scripts.chat_eval", "-b/--batch_size", "0", "expected an integer >= 1, got 0"),
+    ("scripts.tok_train", "--doc_cap", "0", "expected an integer >= 1, got 0"),
 ])
 def test_a_value_out_of_range_is_a_one_line_error(module, flag, value, message, capsys):
     """Out-of-range numbers stop at parsing, naming the flag: they used to run (--num_iterations=0 a
     whole run, --window=1.5 a full-context one) or crash later (--depth=0: ZeroDivisionError)."""
     with pytest.raises(SystemExit) as exit_:
-        importlib.import_module(module).parser.parse_args([f"{flag}={value}"])
+        importlib.import_module(module).parser.parse_args([f"{flag.split('/')[-1]}={value}"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: argument {flag}: {message}")
 
